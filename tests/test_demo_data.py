@@ -103,3 +103,15 @@ def test_bad_arguments_are_refused(tmp_path):
         make_demo_dataset(str(tmp_path / "x"), texture="marble")
     with pytest.raises(ValueError, match="size=1024"):
         make_demo_dataset(str(tmp_path / "y"), size=1024)
+
+
+def test_the_mvtec_reader_finds_every_image_and_mask(dataset):
+    from ssm.data import load_layout
+
+    root, info = dataset
+    split = load_layout(str(root), "mvtec")
+    assert len(split.train) == 6 and split.has_masks
+    anomalous = [s for s in split.test if s.label == 1]
+    assert len(anomalous) == 9 and all(s.mask_path for s in anomalous)
+    assert sorted(s.mask_path for s in anomalous) == sorted(sum(info["masks"].values(), []))
+    assert sum(s.label == 0 for s in split.test) == 4
