@@ -1,0 +1,155 @@
+"""Storage helpers shared by the Ray jobs.
+
+Everything that reads or writes job inputs/outputs goes through these helpers so
+that the same code works for local paths and ``s3://`` URIs, including S3-
+compatible endpoints (MinIO, moto, ...) configured through the standard AWS
+environment variables:
+
+* ``AWS_ENDPOINT_URL_S3`` (takes precedence) or ``AWS_ENDPOINT_URL`` - e.g.
+  ``http://127.0.0.1:9000``. Ignored when ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS``
+  is true, like botocore does.
+* ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``.
+* ``AWS_REGION`` or ``AWS_DEFAULT_REGION``.
+
+Two kinds of filesystem objects are handed out:
+
+* :func:`filesystem_for` returns a ``pyarrow.fs.FileSystem`` (or ``None`` for
+  local paths) plus the path to use with it. Pass both to Ray Data
+  (``filesystem=``) and Ray Train (``RunConfig(storage_filesystem=...)``).
+  The filesystem carries the endpoint explicitly, so it still reaches the
+  right endpoint after being pickled into another process (credentials are
+  still looked up there through the standard AWS chain).
+* :func:`fsspec_for` returns an fsspec filesystem plus path for plain file
+  access from Python (open/ls/put/get).
+
+Note: ``pyarrow.fs.FileSystem.from_uri("s3://...")`` honours the endpoint
+variables, but the bare ``pyarrow.fs.S3FileSystem()`` constructor does not,
+which is why the endpoint is passed explicitly here.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import TYPE_CHECKING, Optional, Tuple
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:  # pragma: no cover
+    import fsspec
+    import pyarrow.fs
+
+_LOCAL_SCHEMES = ("", "file", "local")
+_S3_SCHEMES = ("s3", "s3a", "s3n")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _scheme(uri: str) -> str:
+    uri = os.fspath(uri)
+    if "://" not in uri:
+        return ""
+    return uri.split("://", 1)[0].lower()
+
+
+def is_remote(uri: str) -> bool:
+    """True when ``uri`` names a non-local location (``s3://``, ``gs://``, ...)."""
+    return _scheme(uri) not in _LOCAL_SCHEMES
+
+
+def _local_path(uri: str) -> str:
+    uri = os.fspath(uri)
+    if "://" in uri:
+        uri = uri.split("://", 1)[1]
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def _strip_scheme(uri: str) -> str:
+    """``s3://bucket/key/`` -> ``bucket/key``."""
+    return uri.split("://", 1)[1].rstrip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path components onto a local path or a URI.
+
+    ``join("s3://b/runs", "exp", "x.pt") == "s3://b/runs/exp/x.pt"``
+    """
+    uri = os.fspath(uri)
+    parts = tuple(os.fspath(p) for p in parts)
+    if not is_remote(uri):
+        return os.path.join(uri, *parts)
+    scheme, rest = uri.split("://", 1)
+    cleaned = [p.strip("/") for p in parts if p.strip("/")]
+    if not cleaned:
+        return uri
+    return f"{scheme}://" + posixpath.join(rest.rstrip("/") or rest, *cleaned)
+
+
+def s3_endpoint_url() -> Optional[str]:
+    """The custom S3 endpoint configured in the environment, if any."""
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() in _TRUE:
+        return None
+    return (
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    ) or None
+
+
+def _region() -> Optional[str]:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
+def _pyarrow_s3(endpoint: str) -> "pyarrow.fs.S3FileSystem":
+    import pyarrow.fs
+
+    parsed = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+    return pyarrow.fs.S3FileSystem(
+        endpoint_override=parsed.netloc + parsed.path.rstrip("/"),
+        scheme=parsed.scheme or "https",
+        region=_region() or "us-east-1",
+        # Credentials are deliberately not copied in: the AWS SDK default chain
+        # (env vars, config files, instance metadata) resolves them in each
+        # process, so secrets are not pickled into Ray tasks.
+    )
+
+
+def filesystem_for(uri: str) -> Tuple[Optional["pyarrow.fs.FileSystem"], str]:
+    """Return ``(pyarrow filesystem or None, path)`` for Ray readers/writers.
+
+    * local path / ``file://`` -> ``(None, absolute local path)``
+    * ``s3://bucket/key`` with a custom endpoint in the environment ->
+      ``(S3FileSystem(endpoint_override=..., scheme=...), "bucket/key")``
+    * any other URI -> ``pyarrow.fs.FileSystem.from_uri(uri)`` (for real AWS
+      this also resolves the bucket's region).
+    """
+    uri = os.fspath(uri)
+    scheme = _scheme(uri)
+    if scheme in _LOCAL_SCHEMES:
+        return None, _local_path(uri)
+    if scheme in _S3_SCHEMES:
+        endpoint = s3_endpoint_url()
+        if endpoint:
+            return _pyarrow_s3(endpoint), _strip_scheme(uri)
+        if scheme != "s3":
+            uri = "s3://" + uri.split("://", 1)[1]
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    return fs, path.rstrip("/") or path
+
+
+def fsspec_for(uri: str) -> Tuple["fsspec.AbstractFileSystem", str]:
+    """Return ``(fsspec filesystem, path)`` for plain Python file access."""
+    import fsspec
+
+    uri = os.fspath(uri)
+    scheme = _scheme(uri)
+    if scheme in _LOCAL_SCHEMES:
+        return fsspec.filesystem("file"), _local_path(uri)
+    if scheme in _S3_SCHEMES:
+        import s3fs
+
+        kwargs = {}
+        endpoint = s3_endpoint_url()
+        if endpoint:
+            kwargs["endpoint_url"] = endpoint
+        return s3fs.S3FileSystem(**kwargs), _strip_scheme(uri)
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
