@@ -7,6 +7,9 @@ Everything here turns files into arrays: `load_layout` finds the images and thei
 Any problem a user can cause with their data raises `DataError` with one sentence that names the file or
 folder and says what to do.
 
+The layouts also read remote folders: pass an fsspec filesystem as `fs` (e.g. s3fs) and paths in its own
+form ("bucket/prefix"); the paths returned are then in that form too, ready for the same filesystem.
+
     >>> split = load_layout("../shared/data/mvtec_bottle", "mvtec")
     >>> len(split.train), len(split.test), split.has_masks
     (209, 83, True)
@@ -220,26 +223,46 @@ def _is_image(filename: str) -> bool:
     return not filename.startswith(".") and filename.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_images(root: str, recursive: bool = True) -> list[str]:
+# `fs` below: None for local paths, or an fsspec filesystem (s3fs, ...) whose paths look like "bucket/key".
+
+
+def _isdir(path: str, fs=None) -> bool:
+    return os.path.isdir(path) if fs is None else fs.isdir(path)
+
+
+def _isfile(path: str, fs=None) -> bool:
+    return os.path.isfile(path) if fs is None else fs.isfile(path)
+
+
+def _entries(root: str, fs=None) -> list[tuple[str, str, bool]]:
+    """(name, path, is_folder) of each entry directly in `root`."""
+    if fs is None:
+        return [(e.name, e.path, e.is_dir()) for e in os.scandir(root)]
+    listing = fs.ls(root, detail=True)
+    return [(e["name"].rstrip("/").rsplit("/", 1)[-1], e["name"].rstrip("/"), e["type"] == "directory")
+            for e in listing if e["name"].rstrip("/") != root.rstrip("/")]
+
+
+def list_images(root: str, recursive: bool = True, fs=None) -> list[str]:
     """Image files under `root` (by extension, any case), hidden files and folders skipped, sorted."""
-    if not os.path.isdir(root):
+    if not _isdir(root, fs):
         raise DataError(f"{root}: folder not found; check the path.")
     found = []
     if recursive:
-        for folder, subdirs, files in os.walk(root):
+        for folder, subdirs, files in os.walk(root) if fs is None else fs.walk(root):
             subdirs[:] = [d for d in subdirs if not d.startswith(".")]
             found.extend(os.path.join(folder, f) for f in files if _is_image(f))
     else:
-        found = [e.path for e in os.scandir(root) if e.is_file() and _is_image(e.name)]
+        found = [path for name, path, is_dir in _entries(root, fs) if not is_dir and _is_image(name)]
     return sorted(found)
 
 
-def _subfolders(root: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+def _subfolders(root: str, fs=None) -> list[str]:
+    return sorted(name for name, _, is_dir in _entries(root, fs) if is_dir and not name.startswith("."))
 
 
-def _require_dir(path: str, hint: str) -> None:
-    if not os.path.isdir(path):
+def _require_dir(path: str, hint: str, fs=None) -> None:
+    if not _isdir(path, fs):
         raise DataError(f"{path} not found: {hint}")
 
 
@@ -250,54 +273,54 @@ def _require_train(train: list[str], folder: str) -> list[str]:
     return train
 
 
-def _load_mvtec(root: str) -> DatasetSplit:
+def _load_mvtec(root: str, fs=None) -> DatasetSplit:
     hint = "is this an MVTec AD category folder? use --layout oct2017 or --layout folder for other layouts."
     train_dir = os.path.join(root, "train", "good")
     test_dir = os.path.join(root, "test")
     gt_dir = os.path.join(root, "ground_truth")
-    _require_dir(train_dir, hint)
-    _require_dir(test_dir, hint)
-    train = _require_train(list_images(train_dir, recursive=False), train_dir)
-    has_masks = os.path.isdir(gt_dir)
+    _require_dir(train_dir, hint, fs)
+    _require_dir(test_dir, hint, fs)
+    train = _require_train(list_images(train_dir, recursive=False, fs=fs), train_dir)
+    has_masks = _isdir(gt_dir, fs)
 
     test = []
-    for defect in _subfolders(test_dir):
-        for path in list_images(os.path.join(test_dir, defect), recursive=False):
+    for defect in _subfolders(test_dir, fs):
+        for path in list_images(os.path.join(test_dir, defect), recursive=False, fs=fs):
             if defect == "good":
                 test.append(Sample(path, 0, None, defect))
                 continue
             mask_path = None
             if has_masks:
                 mask_path = os.path.join(gt_dir, defect, Path(path).stem + "_mask.png")
-                if not os.path.isfile(mask_path):
+                if not _isfile(mask_path, fs):
                     raise DataError(f"{mask_path} not found: every anomalous test image needs its mask "
                                     f"(for {path}); restore it or remove the ground_truth folder.")
             test.append(Sample(path, 1, mask_path, defect))
     return DatasetSplit(train, test, has_masks)
 
 
-def _load_oct2017(root: str) -> DatasetSplit:
+def _load_oct2017(root: str, fs=None) -> DatasetSplit:
     hint = "is this an OCT2017 folder (train/NORMAL, test/<class>)? use --layout mvtec or --layout folder."
     train_dir = os.path.join(root, "train", "NORMAL")
     test_dir = os.path.join(root, "test")
-    _require_dir(train_dir, hint)
-    _require_dir(test_dir, hint)
-    train = _require_train(list_images(train_dir), train_dir)
+    _require_dir(train_dir, hint, fs)
+    _require_dir(test_dir, hint, fs)
+    train = _require_train(list_images(train_dir, fs=fs), train_dir)
     test = [
         Sample(path, 0 if cls == "NORMAL" else 1, None, cls)
-        for cls in _subfolders(test_dir)
-        for path in list_images(os.path.join(test_dir, cls))
+        for cls in _subfolders(test_dir, fs)
+        for path in list_images(os.path.join(test_dir, cls), fs=fs)
     ]
     return DatasetSplit(train, test, False)
 
 
-def _images_without_masks(folder: str) -> list[str]:
+def _images_without_masks(folder: str, fs=None) -> list[str]:
     """Images under `folder`, leaving out masks that sit beside their image.
 
     In a folder holding x.jpg and x.png (the magnetic-tile layout), or x.<ext> and x_mask.png, the png is
     x's mask, not an image of its own.
     """
-    images = list_images(folder)
+    images = list_images(folder, fs=fs)
     by_stem: dict[tuple[str, str], list[str]] = {}
     for p in images:
         by_stem.setdefault((os.path.dirname(p), Path(p).stem), []).append(p)
@@ -314,11 +337,11 @@ def _images_without_masks(folder: str) -> list[str]:
     return [p for p in images if not is_mask(p)]
 
 
-def _find_mask(image: str, mask_dir: str | None) -> str | None:
+def _find_mask(image: str, mask_dir: str | None, fs=None) -> str | None:
     folder = mask_dir if mask_dir is not None else os.path.dirname(image)
     stem = Path(image).stem
     for candidate in (os.path.join(folder, stem + ".png"), os.path.join(folder, stem + "_mask.png")):
-        if os.path.isfile(candidate) and os.path.abspath(candidate) != os.path.abspath(image):
+        if _isfile(candidate, fs) and os.path.abspath(candidate) != os.path.abspath(image):
             return candidate
     return None
 
@@ -337,6 +360,7 @@ def _load_folder(
     mask_dir: str | None,
     test_fraction: float,
     seed: int,
+    fs=None,
 ) -> DatasetSplit:
     if not normal_dirs:
         raise DataError("the folder layout needs at least one --normal-dir holding defect-free images.")
@@ -345,7 +369,7 @@ def _load_folder(
 
     def resolve(d: str, flag: str) -> str:
         path = d if os.path.isabs(d) else os.path.join(root, d)
-        _require_dir(path, f"check {flag} {d} (absolute, or relative to {root}).")
+        _require_dir(path, f"check {flag} {d} (absolute, or relative to {root}).", fs)
         return path
 
     if mask_dir is not None:
@@ -354,7 +378,7 @@ def _load_folder(
     normals: list[tuple[str, str]] = []  # (path, category)
     for d in normal_dirs:
         path = resolve(d, "--normal-dir")
-        normals += [(p, Path(path).name) for p in _images_without_masks(path)]
+        normals += [(p, Path(path).name) for p in _images_without_masks(path, fs)]
     if not normals:
         raise DataError(f"{', '.join(normal_dirs)}: no normal images found under {root}; check --normal-dir.")
 
@@ -362,7 +386,7 @@ def _load_folder(
     for d in abnormal_dirs:
         path = resolve(d, "--abnormal-dir")
         category = Path(path).name
-        abnormals += [Sample(p, 1, _find_mask(p, mask_dir), category) for p in _images_without_masks(path)]
+        abnormals += [Sample(p, 1, _find_mask(p, mask_dir, fs), category) for p in _images_without_masks(path, fs)]
 
     overlap = {p for p, _ in normals} & {s.path for s in abnormals}
     if overlap:
@@ -386,6 +410,7 @@ def load_layout(
     mask_dir: str | None = None,
     test_fraction: float = 0.2,
     seed: int = 0,
+    fs=None,
 ) -> DatasetSplit:
     """Find the training and test images of a dataset laid out as `layout`.
 
@@ -396,16 +421,18 @@ def load_layout(
                  `abnormal_dirs` (all test), searched recursively, relative to ROOT unless absolute.
                  The mask of <stem>.<ext> is <stem>.png or <stem>_mask.png in `mask_dir` (default: the
                  image's own folder); a png beside a same-stem image is a mask, never an image.
+
+    `fs`: an fsspec filesystem to read a remote root ("bucket/prefix" for s3fs); None for local folders.
     """
     root = os.fspath(root)
-    if not os.path.isdir(root):
+    if not _isdir(root, fs):
         raise DataError(f"{root}: dataset folder not found; check the path.")
     if layout == "mvtec":
-        return _load_mvtec(root)
+        return _load_mvtec(root, fs)
     if layout == "oct2017":
-        return _load_oct2017(root)
+        return _load_oct2017(root, fs)
     if layout == "folder":
-        return _load_folder(root, normal_dirs, abnormal_dirs, mask_dir, test_fraction, seed)
+        return _load_folder(root, normal_dirs, abnormal_dirs, mask_dir, test_fraction, seed, fs)
     raise DataError(f"unknown layout {layout!r}: use --layout with one of {', '.join(LAYOUTS)}.")
 
 
