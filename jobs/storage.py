@@ -153,3 +153,52 @@ def fsspec_for(uri: str) -> Tuple["fsspec.AbstractFileSystem", str]:
         return s3fs.S3FileSystem(**kwargs), _strip_scheme(uri)
     fs, path = fsspec.core.url_to_fs(uri)
     return fs, path
+
+
+def localize(uri: str, cache_dir: Optional[str] = None) -> str:
+    """A local directory for a checkpoint given as a local path or a remote URI.
+
+    Local paths come back unchanged. A remote checkpoint directory (or a training
+    run directory, of which only ``best/`` is fetched) is downloaded into
+    ``cache_dir`` (default ``$SSM_CACHE_DIR`` or ``~/.cache/ssm``) under a name
+    derived from the URI and the files' sizes and ETags, so a later call reuses
+    it until the checkpoint changes. Each download lands in a temporary folder
+    that is renamed into place, so concurrent callers never see half a copy.
+
+    ``localize("s3://bucket/runs/bottle")`` -> ``~/.cache/ssm/<hash>/best``
+    """
+    import hashlib
+    import json
+    import shutil
+    import tempfile
+
+    uri = os.fspath(uri)
+    if not is_remote(uri):
+        return uri
+    fs, path = fsspec_for(uri)
+    path = path.rstrip("/")
+    if not fs.isfile(f"{path}/ssm.json") and fs.isfile(f"{path}/best/ssm.json"):
+        path, leaf = f"{path}/best", "best"  # a run directory: its best checkpoint
+    else:
+        leaf = posixpath.basename(path) or "checkpoint"
+    files = fs.find(path, detail=True)
+    if not files:
+        raise FileNotFoundError(f"{uri}: nothing there; check the checkpoint URI.")
+    identity = json.dumps(
+        [uri] + [[name, info.get("size"), str(info.get("ETag") or info.get("mtime"))]
+                 for name, info in sorted(files.items())]
+    )
+    root = cache_dir or os.environ.get("SSM_CACHE_DIR") or os.path.expanduser("~/.cache/ssm")
+    target = os.path.join(root, hashlib.sha256(identity.encode()).hexdigest()[:16])
+    if not os.path.isdir(target):
+        os.makedirs(root, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".download-", dir=root)
+        for name in files:
+            local = os.path.join(staging, leaf, posixpath.relpath(name, path))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get_file(name, local)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process put the same checkpoint there first
+            shutil.rmtree(staging, ignore_errors=True)
+    return os.path.join(target, leaf)
