@@ -55,13 +55,14 @@ MaskDirOpt = typer.Option(
 @app.command()
 def train(
     data: str = typer.Argument(..., help="Dataset root (local folder or s3:// prefix)."),
-    out: str = typer.Option("runs/ssm", "--out", help="Run directory: checkpoints, history, best checkpoint."),
+    out: str = typer.Option("runs/ssm", "--out", help="Run directory (local, or s3:// on a multi-node cluster): "
+                            "checkpoints, history, the calibrated best checkpoint."),
     layout: Layout = LayoutOpt,
     normal_dir: list[str] = NormalDirOpt,
     abnormal_dir: list[str] = AbnormalDirOpt,
     mask_dir: Optional[str] = MaskDirOpt,
     epochs: int = typer.Option(50, help="Training epochs (paper: 50)."),
-    batch_size: int = typer.Option(32, help="Images per batch (paper: 32)."),
+    batch_size: int = typer.Option(32, help="Images per optimiser step, across all workers (paper: 32)."),
     img_size: int = typer.Option(128, help="Square image size (paper: 128)."),
     width: int = typer.Option(64, help="UNet width W (paper: 64, about 33 M parameters)."),
     grayscale: bool = typer.Option(False, help="Build a 1-channel model for grayscale data."),
@@ -74,27 +75,68 @@ def train(
     refine_passes: int = typer.Option(2, help="Scoring passes (1 = no refinement)."),
     ratio: float = typer.Option(0.8, help="Refinement: a cell is normal when more than this fraction is below tau."),
     seed: int = typer.Option(0, help="Seed for the validation split, masks and initialisation."),
+    workers: int = typer.Option(1, "--workers", help="Ray Train workers (data-parallel, DDP)."),
+    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per worker (0 = train on CPUs)."),
+    cpus_per_worker: Optional[float] = typer.Option(
+        None, "--cpus-per-worker", help="CPUs per worker (default: this machine's CPUs shared, or 1 on a cluster)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: start one here)."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="Continue the stopped run in this run directory (instead of --out) from its latest "
+        "checkpoint; pass the run's model flags again."),
+    keep: int = typer.Option(3, "--keep", help="Epoch checkpoints kept: the best by validation loss."),
+    max_failures: int = typer.Option(3, "--max-failures", help="Worker failures survived (-1: no limit)."),
+    in_process: bool = typer.Option(False, "--in-process", help="Train in this process, without Ray."),
 ):
     """Train an SSM model on the normal images of DATA, then calibrate it on a held-out normal split."""
-    from ssm.data import DataError, ImageDataset
+    from ssm.data import DataError
     from ssm.model import ModelConfig
     from ssm.scoring import ScoringConfig
-    from ssm.training import TrainConfig, fit, split_train_val
+    from ssm.training import TrainConfig
 
     ks = _k_values(k_values)
     try:
         model_cfg = ModelConfig(width=width, channels=1 if grayscale else 3, upsample=upsample, img_size=img_size)
-        split = _split(data, layout, normal_dir, abnormal_dir, mask_dir)
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, beta=beta, gamma=gamma,
                           k_values=ks, seed=seed)
-        train_paths, val_paths = split_train_val(split.train, cfg.val_fraction, seed)
         scoring = ScoringConfig(k_values=ks, refine_passes=refine_passes, ratio=ratio, seed=seed)
-        result = fit(ImageDataset(train_paths, img_size, model_cfg.channels),
-                     ImageDataset(val_paths, img_size, model_cfg.channels), out, model_cfg, cfg, scoring)
+        if in_process:
+            _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, model_cfg, cfg, scoring)
+            return
+        from jobs.train import train as train_job
+
+        result = train_job(data, resume or out, layout=layout.value, normal_dirs=normal_dir,
+                           abnormal_dirs=abnormal_dir, mask_dir=mask_dir, model_config=model_cfg, cfg=cfg,
+                           scoring=scoring, workers=workers, gpus_per_worker=gpus_per_worker,
+                           cpus_per_worker=cpus_per_worker, address=address, keep=keep, max_failures=max_failures,
+                           resume=resume is not None, on_epoch=_epoch_line)
     except (DataError, ValueError) as e:
         _fail(str(e))
+    restarts = f"; resumed from epoch {', '.join(map(str, result.resumed_from))}" if result.resumed_from else ""
     typer.echo(
-        f"trained {epochs} epochs on {len(train_paths)} images ({len(val_paths)} held out); best epoch "
+        f"trained {epochs} epochs on {result.n_train} images ({result.n_val} held out) with {workers} worker(s)"
+        f"{restarts}; best epoch {result.best_epoch} (validation loss {result.best_val_loss:.4f})\n"
+        f"checkpoint: {result.best}\nimages skipped: {len(result.skipped)}"
+    )
+    for path, why in result.skipped[:10]:
+        typer.echo(f"  skipped {why}")
+
+
+def _epoch_line(row: dict) -> None:
+    typer.echo(f"epoch {row['epoch']:3d}  loss {row['loss']:.4f}  val {row['val_loss']:.4f}  "
+               f"{row['images_per_s']:.1f} img/s", err=True)
+
+
+def _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, model_cfg, cfg, scoring) -> None:
+    """The single-process `ssm.training.fit` (no Ray): local data only."""
+    from ssm.data import ImageDataset
+    from ssm.training import fit, split_train_val
+
+    split = _split(data, layout, normal_dir, abnormal_dir, mask_dir)
+    train_paths, val_paths = split_train_val(split.train, cfg.val_fraction, cfg.seed)
+    result = fit(ImageDataset(train_paths, model_cfg.img_size, model_cfg.channels),
+                 ImageDataset(val_paths, model_cfg.img_size, model_cfg.channels), out, model_cfg, cfg, scoring)
+    typer.echo(
+        f"trained {cfg.epochs} epochs on {len(train_paths)} images ({len(val_paths)} held out); best epoch "
         f"{result.best_epoch} (validation loss {result.best_val_loss:.4f})\ncheckpoint: {result.best}"
     )
 

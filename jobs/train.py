@@ -1,0 +1,449 @@
+"""Distributed SSM training on Ray Train: thin glue around `ssm.training` (method page, section 4).
+
+The data flow, one line per stage:
+
+    image files (local folder or s3:// prefix, any layout `ssm.data.load_layout` reads)
+      -> Ray Data CPU tasks: bytes -> `ssm.data.decode_image` -> uint8 (C, S, S); unreadable files are flagged
+         and counted, never fatal; a 10 % normal validation split is held out (`split_train_val`)
+      -> TorchTrainer workers under DDP: each streams its shard and runs `ssm.training.training_step`
+      -> every epoch: losses, validation loss and images/s (all workers) reported, a checkpoint saved
+      -> at the end: the checkpoint with the lowest validation loss, calibrated on the held-out split in a
+         Ray task with one worker's resources (a GPU when training used GPUs), written to RUN/best
+
+The run directory RUN (a local folder or an s3:// prefix):
+
+    RUN/job.json        the settings the run started with; --resume checks the model against them
+    RUN/train/          Ray Train's folder: epoch_NNNN/ (model.pt + ssm.json, the library's checkpoint, and
+                        train_state.pt: optimizer, scheduler, epoch, history), the best `keep` by validation
+                        loss plus the latest, and Ray's checkpoint_manager_snapshot.json
+    RUN/best/           the calibrated best checkpoint: `ssm evaluate --checkpoint RUN` and scoring read it
+    RUN/history.json    one row per epoch
+
+A worker that dies is replaced (FailureConfig.max_failures) and the group resumes from the latest checkpoint;
+`train(..., resume=True)` continues a stopped run the same way. Example:
+
+    >>> result = train("../shared/data/mvtec_bottle", "runs/bottle", model_config=ModelConfig(width=16),
+    ...                cfg=TrainConfig(epochs=5), workers=2)
+    >>> result.best_epoch, result.best_val_loss, result.best
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from ray.train import UserCallback
+
+from jobs.storage import filesystem_for, fsspec_for, is_remote, join
+from ssm.calibration import Calibration, calibrate
+from ssm.checkpoint import load_checkpoint, save_checkpoint
+from ssm.data import DataError, decode_image, load_layout
+from ssm.model import ModelConfig, SSMUNet
+from ssm.scoring import ScoringConfig
+from ssm.training import TrainConfig, make_optimizer, split_train_val, training_step, validation_loss
+
+TRAIN_STATE = "train_state.pt"  # beside the library's model.pt and ssm.json in every epoch checkpoint
+RAY_RUN = "train"  # RunConfig(name): Ray Train's folder inside RUN
+PART_NAMES = ("loss", "mse", "msgms", "ssim", "mask")
+
+
+@dataclass
+class TrainJobResult:
+    run_dir: str
+    best: str  # RUN/best, the calibrated checkpoint
+    best_epoch: int
+    best_val_loss: float
+    calibration: Calibration
+    history: list[dict]  # one row per epoch; "resumed_from" > 0 on epochs trained after a restart
+    n_train: int  # readable training images
+    n_val: int  # readable held-out normal images
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of images that did not decode
+
+    @property
+    def resumed_from(self) -> list[int]:
+        """Epochs the run restarted from (a replaced worker or --resume); empty for an uninterrupted run."""
+        return sorted({row["resumed_from"] for row in self.history if row["resumed_from"] > 0})
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ray
+
+
+def start_ray(address: str | None = None, workers: int = 1, cpus_per_worker: float | None = None,
+              gpus_per_worker: float = 0.0) -> float:
+    """Join the cluster at `address` (or $RAY_ADDRESS), or start a local one sized to this machine.
+
+    Returns the CPUs each training worker takes: `cpus_per_worker` when given, else this machine's CPUs
+    shared among the workers (local cluster) or 1 (a cluster, whose nodes may differ).
+    """
+    import ray
+
+    if gpus_per_worker < 0 or (cpus_per_worker is not None and cpus_per_worker <= 0):
+        raise ValueError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+    joining = bool(address or os.environ.get("RAY_ADDRESS"))
+    if not ray.is_initialized():
+        if joining:
+            ray.init(address=address)
+        else:
+            if gpus_per_worker and torch.cuda.device_count() < workers * gpus_per_worker:
+                raise ValueError(f"--workers {workers} --gpus-per-worker {gpus_per_worker} needs "
+                                 f"{workers * gpus_per_worker:g} GPUs, this machine has {torch.cuda.device_count()}; "
+                                 f"lower them or pass --address of a cluster with GPUs.")
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    if cpus_per_worker is not None:
+        return cpus_per_worker
+    if joining:
+        return 1.0
+    return float(max(1, int(ray.cluster_resources().get("CPU", 1)) // workers))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data: listing on the driver, decoding in Ray Data CPU tasks
+
+
+def _decode(batch: dict[str, np.ndarray], size: int, channels: int, scheme: str) -> dict[str, np.ndarray]:
+    """Ray Data stage: image bytes -> uint8 (channels, size, size). A file that does not decode is flagged."""
+    images = np.zeros((len(batch["path"]), channels, size, size), np.uint8)
+    names = [scheme + str(p) for p in batch["path"]]  # "bucket/key" -> "s3://bucket/key" in messages
+    errors = []
+    for i, (data, name) in enumerate(zip(batch["bytes"], names)):
+        try:
+            pixels, _ = decode_image(data, channels, size, name=name)
+            images[i] = np.round(pixels * 255.0)  # ImageDataset's quantisation: the inputs `fit` sees
+            errors.append("")
+        except DataError as e:
+            errors.append(str(e))
+    errors = np.array(errors, dtype=object)
+    return {"path": np.array(names, dtype=object), "image": images, "ok": errors == "", "error": errors}
+
+
+def _decoded(paths: list[str], data_uri: str, size: int, channels: int):
+    """Decode `paths` once on Ray Data CPU tasks; returns (materialised images, [(file, why) skipped]).
+
+    Materialised, so epochs re-read decoded pixels from the object store (as `fit` caches them) and need no
+    CPU besides the workers'.
+    """
+    import ray.data
+    from ray.data.expressions import col
+
+    filesystem, _ = filesystem_for(data_uri)
+    scheme = data_uri.split("://", 1)[0] + "://" if is_remote(data_uri) else ""
+    decoded = (ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem)
+               .map_batches(_decode, fn_kwargs={"size": size, "channels": channels, "scheme": scheme}, batch_size=32)
+               .materialize())
+    skipped = sorted((r["path"], r["error"]) for r in decoded.select_columns(["path", "error"]).take_all()
+                     if r["error"])
+    return decoded.filter(expr=col("ok")).select_columns(["image"]).materialize(), skipped
+
+
+def list_training_images(data: str, layout: str = "mvtec", normal_dirs: Sequence[str] = (),
+                         abnormal_dirs: Sequence[str] = (), mask_dir: str | None = None) -> list[str]:
+    """The normal training images of DATA (local folder or s3:// prefix), in the filesystem's own paths."""
+    if is_remote(data):
+        fs, root = fsspec_for(data)
+        if not fs.isdir(root):
+            raise DataError(f"{data}: dataset folder not found; check the path (and AWS_ENDPOINT_URL for S3).")
+    else:
+        fs, root = None, os.path.abspath(data)
+    split = load_layout(root, layout, normal_dirs=normal_dirs, abnormal_dirs=abnormal_dirs, mask_dir=mask_dir, fs=fs)
+    return split.train
+
+
+# --------------------------------------------------------------------------------------------------------
+# The training loop on each worker
+
+
+def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
+    """Sum (or max) of per-worker numbers over all workers."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _sync_buffers(module: torch.nn.Module) -> None:
+    """BatchNorm statistics of rank 0 everywhere: each worker updated its own on its last batch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _train_loop(config: dict) -> dict:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    model_config: ModelConfig = config["model"]
+    cfg: TrainConfig = config["train"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    batch_size = max(1, cfg.batch_size // world)  # --batch-size is per optimiser step, across all workers
+
+    torch.manual_seed(cfg.seed)
+    model = SSMUNet(model_config).to(memory_format=torch.channels_last)  # as in `fit`: faster on CPU and CUDA
+    state = None
+    checkpoint = ray.train.get_checkpoint()  # the latest one after a worker died, or on --resume
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_checkpoint(d).state_dict)
+            state = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)
+    model = ray.train.torch.prepare_model(model)  # to the worker's device, wrapped in DDP when world > 1
+    module = getattr(model, "module", model)
+    opt, sched = make_optimizer(model, cfg)
+    start, history = 0, []
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        sched.milestones = Counter(cfg.milestones())  # kept out of the file (a Counter); follows --epochs
+        start, history = state["epoch"], state["history"]
+
+    val_images = torch.from_numpy(ray.get(config["val_images"])[rank::world].copy())  # this worker's share
+    shard = ray.train.get_dataset_shard("train")
+    drop_last = config["n_train"] // world > batch_size
+    for epoch in range(start, cfg.epochs):
+        random.seed(f"{cfg.seed}:{rank}:{epoch}")  # the per-batch mask scale, reproducible after a restart
+        model.train()
+        t0, seen, sums = time.perf_counter(), 0, dict.fromkeys(PART_NAMES, 0.0)
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
+                                              local_shuffle_buffer_size=4 * batch_size, prefetch_batches=2):
+            x = batch["image"].to(device, non_blocking=True).float().div_(255.0)
+            loss, parts = training_step(model, x, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(x)
+            for k, v in {"loss": float(loss.detach()), **parts}.items():
+                sums[k] += v * len(x)
+        sched.step()
+        elapsed = time.perf_counter() - t0
+        n_seen, *totals = _all_reduce([seen, *sums.values()], device)
+        (slowest,) = _all_reduce([elapsed], device, "max")  # global rate: all images over the slowest worker
+
+        _sync_buffers(module)
+        val_batches = (b.float().div_(255.0) for b in val_images.split(batch_size))
+        mean = validation_loss(module, val_batches, cfg, device) if len(val_images) else 0.0
+        val_sum, n_val = _all_reduce([mean * len(val_images), len(val_images)], device)
+        row = {"epoch": epoch + 1, **{k: v / max(n_seen, 1) for k, v in zip(PART_NAMES, totals)},
+               "val_loss": val_sum / n_val, "images_per_s": n_seen / slowest, "lr": opt.param_groups[0]["lr"],
+               "resumed_from": start}
+        history.append(row)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = None
+            if rank == 0:  # one copy of the weights; every rank still reports (it is a barrier)
+                meta = {"model": model_config.to_dict(), "train": cfg.to_dict(), "epoch": epoch + 1,
+                        "val_loss": row["val_loss"]}
+                save_checkpoint(tmp, module, model_config, config["scoring"], None, meta)
+                sched_state = {**sched.state_dict(), "milestones": dict(sched.milestones)}
+                torch.save({"epoch": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched_state,
+                            "history": history}, os.path.join(tmp, TRAIN_STATE))
+                saved = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(row, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+    return {"history": history}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Calibration of the best checkpoint, where the workers ran
+
+
+def _calibrate_checkpoint(checkpoint, val_images: np.ndarray, batch_size: int) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with checkpoint.as_directory() as d:
+        scorer = load_checkpoint(d, map_location=device).scorer(device)
+    batches = torch.tensor(val_images).split(batch_size)
+    return calibrate(scorer, [b.float().div_(255.0) for b in batches]).to_dict()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Run directory helpers (local folder or s3:// prefix)
+
+
+def _read_text(uri: str) -> str | None:
+    fs, path = fsspec_for(uri)
+    return fs.cat_file(path).decode() if fs.isfile(path) else None
+
+
+def _write_text(uri: str, text: str) -> None:
+    fs, path = fsspec_for(uri)
+    if not is_remote(uri):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    fs.pipe_file(path, text.encode())
+
+
+def _publish(local_dir: str, uri: str) -> None:
+    """Copy a checkpoint directory to `uri`, its ssm.json last (readers take a checkpoint by its JSON)."""
+    fs, path = fsspec_for(uri)
+    if fs.isdir(path):
+        fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+    for name in sorted(os.listdir(local_dir), key=lambda n: n == "ssm.json"):
+        fs.put_file(os.path.join(local_dir, name), f"{path}/{name}")
+
+
+def _check_run_dir(out: str, resume: bool, job: dict) -> None:
+    saved = _read_text(join(out, "job.json"))
+    if not resume:
+        if saved is not None:
+            raise ValueError(f"{out} already holds a training run: pass --resume {out} to continue it, "
+                             f"or choose a new --out.")
+        return
+    if saved is None:
+        raise ValueError(f"--resume {out}: no training run there (no job.json); check the path.")
+    before = json.loads(saved)["model"]
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in job["model"].items() if before.get(k) != v]
+    if changed:
+        raise ValueError(f"--resume {out}: the model differs from the run's ({', '.join(changed)}); pass the "
+                         f"run's --width/--img-size/--grayscale/--upsample or start a new run.")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The job
+
+
+class _EpochRelay(UserCallback):
+    """Runs in the Ray Train controller: hands rank 0's metrics of each epoch to the driver through a queue."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(metrics[0])
+
+
+def train(
+    data: str,
+    out: str,
+    *,
+    layout: str = "mvtec",
+    normal_dirs: Sequence[str] = (),
+    abnormal_dirs: Sequence[str] = (),
+    mask_dir: str | None = None,
+    model_config: ModelConfig | None = None,
+    cfg: TrainConfig | None = None,
+    scoring: ScoringConfig | None = None,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float | None = None,
+    address: str | None = None,
+    keep: int = 3,
+    max_failures: int = 3,
+    resume: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainJobResult:
+    """Train on the normal images of `data` with `workers` Ray Train workers; writes the run directory `out`.
+
+    Uses the Ray of this process if started, else joins `address` or starts a local cluster (`start_ray`).
+    Everything a user can get wrong (paths, layout, an empty split, flags) raises DataError or ValueError
+    before any worker starts. `on_epoch` gets each epoch's metrics on the driver as they arrive.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    model_config = model_config or ModelConfig()
+    cfg = cfg or TrainConfig()
+    scoring = scoring or ScoringConfig(k_values=tuple(cfg.k_values), n_masks=cfg.n_masks)
+    for flag, value, low in (("--workers", workers, 1), ("--keep", keep, 1), ("--max-failures", max_failures, -1),
+                             ("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be at least {low}, got {value}")
+    if not is_remote(out):
+        out = os.path.abspath(out)
+    job = {"data": data, "layout": layout, "normal_dirs": list(normal_dirs), "abnormal_dirs": list(abnormal_dirs),
+           "mask_dir": mask_dir, "model": model_config.to_dict(), "train": cfg.to_dict(),
+           "scoring": scoring.to_dict(), "workers": workers, "gpus_per_worker": gpus_per_worker}
+    _check_run_dir(out, resume, job)
+
+    paths = list_training_images(data, layout, normal_dirs, abnormal_dirs, mask_dir)
+    train_paths, val_paths = split_train_val(paths, cfg.val_fraction, cfg.seed)
+    cpus_per_worker = start_ray(address, workers, cpus_per_worker, gpus_per_worker)
+    size, channels = model_config.img_size, model_config.channels
+    train_ds, skipped = _decoded(train_paths, data, size, channels)
+    val_ds, val_skipped = _decoded(val_paths, data, size, channels)
+    skipped = sorted(skipped + val_skipped)
+    n_train, n_val = train_ds.count(), val_ds.count()
+    if n_train == 0 or n_val == 0:
+        example = f" (e.g. {skipped[0][1]})" if skipped else ""
+        raise DataError(f"{data}: no readable {'training' if n_train == 0 else 'held-out validation'} images: "
+                        f"{len(skipped)} of {len(paths)} failed to decode{example}; fix or replace them.")
+    if n_train < workers:
+        raise ValueError(f"--workers {workers} is more than the {n_train} training images; use fewer workers.")
+    val_ref = ray.put(np.stack([r["image"] for r in val_ds.take_all()]))  # small: every worker takes a share
+    if not resume:
+        _write_text(join(out, "job.json"), json.dumps(job, indent=1))
+
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    shuffled = train_ds.randomize_block_order()  # and a local shuffle buffer on each worker
+    shuffled.context.enable_progress_bars = False  # re-read every epoch: no progress bars for it
+    storage_fs, storage_path = filesystem_for(out)
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"model": model_config, "train": cfg, "scoring": scoring, "val_images": val_ref,
+                           "n_train": n_train, "cpus_per_worker": cpus_per_worker},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=RAY_RUN,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="val_loss",
+                                                         checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            callbacks=[_EpochRelay(queue)],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # the driver prints one line an epoch
+        ),
+        datasets={"train": shuffled},
+    )
+
+    # Ray Train's fit() must run in the main thread (it installs a SIGINT handler): relay epochs beside it.
+    done = threading.Event()
+
+    def relay():
+        while not (done.is_set() and queue.empty()):
+            try:
+                row = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            if on_epoch:
+                on_epoch(row)
+
+    relay_thread = threading.Thread(target=relay, daemon=True)
+    relay_thread.start()
+    try:
+        result = trainer.fit()
+    finally:
+        done.set()
+        relay_thread.join()
+        queue.shutdown()
+    history = result.return_value["history"]
+
+    best = result.get_best_checkpoint("val_loss", "min")
+    calibration = Calibration.from_dict(ray.get(
+        ray.remote(_calibrate_checkpoint)
+        .options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
+        .remote(best, val_ref, cfg.batch_size)))
+    with best.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
+        chosen = load_checkpoint(d)
+        save_checkpoint(tmp, chosen.build_model(), chosen.model_config, chosen.scoring, calibration, chosen.meta)
+        _publish(tmp, join(out, "best"))
+    _write_text(join(out, "history.json"), json.dumps(history, indent=1))
+    return TrainJobResult(out, join(out, "best"), chosen.meta["epoch"], chosen.meta["val_loss"], calibration,
+                          history, n_train, n_val, skipped)
