@@ -131,6 +131,8 @@ def _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, mod
     from ssm.data import ImageDataset
     from ssm.training import fit, split_train_val
 
+    if "://" in data or "://" in out:
+        _fail("--in-process reads and writes local folders only; drop it to use s3:// through the Ray job.")
     split = _split(data, layout, normal_dir, abnormal_dir, mask_dir)
     train_paths, val_paths = split_train_val(split.train, cfg.val_fraction, cfg.seed)
     result = fit(ImageDataset(train_paths, model_cfg.img_size, model_cfg.channels),
