@@ -178,5 +178,114 @@ def evaluate(
     typer.echo(f"test images {result['n_test']} ({result['n_anomalous']} anomalous); checkpoint {ckpt.path}")
 
 
+@app.command()
+def score(
+    inputs: list[str] = typer.Argument(
+        ..., help="Images to score: folders (recursive), globs, s3:// prefixes, tar shards (local or s3://), "
+        "or .txt/.lst manifests with one path or URI per line."),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="A checkpoint or training run directory (local or s3://)."),
+    out: str = typer.Option(..., "--out", help="Folder or s3:// prefix for the Parquet output; rerun to resume."),
+    workers: int = typer.Option(1, "--workers", help="Scoring actors, each holding one copy of the model."),
+    gpus_per_worker: Optional[float] = typer.Option(
+        None, "--gpus-per-worker", help="GPUs per scoring actor (default: 1 when the cluster has GPUs, else 0)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per scoring batch."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: start one here)."),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", help="Decision threshold on the image score (default: the checkpoint's calibrated one)."),
+):
+    """Score every image in INPUTS on Ray and write one Parquet row per image (score, anomaly flag, heatmap)."""
+    from jobs.score import score as score_job
+    from ssm.checkpoint import CheckpointError
+    from ssm.data import DataError
+
+    try:
+        summary = score_job(inputs, checkpoint, out, workers=workers, gpus_per_worker=gpus_per_worker,
+                            batch_size=batch_size, threshold=threshold, address=address)
+    except (DataError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(summary.describe())
+
+
+@app.command()
+def report(
+    scores: str = typer.Argument(..., help="A scoring output: Parquet folder (local or s3://)."),
+    out: str = typer.Option("report.html", "--out", help="Where to write the HTML report."),
+    top: int = typer.Option(24, help="How many of the most anomalous images to show."),
+):
+    """Write one self-contained HTML page: the most anomalous images with heatmaps, score histogram, counts."""
+    from jobs.report import write_report
+
+    try:
+        counts = write_report(scores, out, top=top)
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"report: {out} ({counts['images']} images, {counts['errors']} errors, {counts['anomalies']} anomalies)")
+
+
+class JobKind(str, Enum):
+    train = "train"
+    score = "score"
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    kind: JobKind = typer.Argument(..., help="train or score; the remaining arguments are that command's."),
+    address: str = typer.Option(..., "--address", help="The cluster's job API, e.g. http://HEAD:8265."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the job's logs until it ends."),
+    token: Optional[str] = typer.Option(None, "--token", help="Ray auth token (default: RAY_AUTH_TOKEN or ~/.ray/auth_token)."),
+):
+    """Submit `ssm train ...` or `ssm score ...` to a running Ray cluster through the Ray job API."""
+    from jobs.submit import SubmitError, follow
+    from jobs.submit import submit as submit_job
+
+    try:
+        job_id = submit_job(kind.value, list(ctx.args), address, token=token)
+        typer.echo(f"submitted {kind.value} job {job_id} to {address}")
+        if wait:
+            status = follow(job_id, address, token=token, echo=typer.echo)
+            typer.echo(f"job {job_id} {status}")
+            if status != "SUCCEEDED":
+                raise typer.Exit(1)
+    except SubmitError as e:
+        _fail(str(e))
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("demo_out", "--out", help="Folder for the dataset, run, scores, metrics and report."),
+    data: Optional[str] = typer.Option(None, "--data", help="Run on this dataset instead of the generated one."),
+    layout: Layout = LayoutOpt,
+    normal_dir: list[str] = NormalDirOpt,
+    abnormal_dir: list[str] = AbnormalDirOpt,
+    mask_dir: Optional[str] = MaskDirOpt,
+    texture: str = typer.Option("brick", help="Texture of the generated dataset: brick, grass or gravel."),
+    epochs: int = typer.Option(20, help="Training epochs."),
+    width: int = typer.Option(16, help="UNet width W."),
+    img_size: int = typer.Option(64, help="Square image size."),
+    workers: int = typer.Option(1, help="Ray Train workers and scoring actors."),
+    address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster instead of starting one."),
+):
+    """Build a dataset (or take --data), train on Ray, score through Ray Data, evaluate, write an HTML report."""
+    from jobs.demo import run_demo
+    from ssm.checkpoint import CheckpointError
+    from ssm.data import DataError
+
+    try:
+        result = run_demo(out, data=data, layout=layout.value, normal_dirs=normal_dir, abnormal_dirs=abnormal_dir,
+                          mask_dir=mask_dir, texture=texture, epochs=epochs, width=width, img_size=img_size,
+                          workers=workers, address=address, echo=typer.echo)
+    except (DataError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    m = result["metrics"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    typer.echo(
+        f"\nimage AUROC {fmt(m['image_auroc'])}  F1-max {fmt(m['f1_max'])}  pixel AUROC {fmt(m['pixel_auroc'])}  "
+        f"AUPRO {fmt(m['aupro'])}  ({m['n_test']} test images, {m['n_anomalous']} anomalous)\n"
+        f"data:       {result['data']}\ncheckpoint: {result['checkpoint']}\nscores:     {result['scores']}\n"
+        f"report:     {result['report']}\nmetrics:    {Path(out).resolve() / 'metrics.json'}"
+    )
+
+
 if __name__ == "__main__":
     app()
