@@ -10,7 +10,7 @@ DATA=${1:-../shared/data/mvtec_bottle}
 RUN=${2:-runs/bottle_cpu}
 rm -rf "$RUN"
 start=$(date +%s)
-ssm train "$DATA" --layout mvtec --out "$RUN" --in-process \
+ssm train "$DATA" --layout mvtec --out "$RUN" --workers 1 \
     --width 16 --img-size 64 --epochs 40 --batch-size 16 --lr 1e-3
 trained=$(date +%s)
 echo "training took $((trained - start)) s" >&2
