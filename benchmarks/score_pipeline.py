@@ -9,7 +9,9 @@ On generated images at one size, with one untrained calibrated model (width W) a
 - peak_rss_mb_500 / peak_rss_mb_5000: the largest sum of RSS over this process and every process under
   it (Ray's GCS, raylet, object store, workers and actors) while the job scores 500 and 5,000 images.
   Shared object-store pages count once per process that maps them, so the sum overstates real use a
-  little; both runs are counted the same way. Streaming execution should keep the two close.
+  little; both runs are counted the same way. Streaming execution should keep the two close. What can
+  differ is the number of Ray worker processes a run happens to use (each holds its own torch), so the
+  processes at the peak are printed, and the PSS sum (shared pages divided) is reported too.
 
 Both sides run torch with the same number of threads (--threads): on a shared machine a second thread
 can cost more than it brings, and the comparison is about the pipeline, not the thread count.
@@ -120,22 +122,26 @@ def tree_cpu_seconds() -> dict[tuple[int, float], tuple[str, float]]:
 
 
 class PeakRSS:
-    """Samples the summed RSS of this process and all its descendants in a background thread."""
+    """Samples this process and all its descendants in a background thread: the peak of their summed RSS,
+    and the peak of their summed PSS (shared pages divided among the processes that map them)."""
 
     def __init__(self, interval: float = 0.2):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak, self.peak_pss, self._stop = interval, 0, 0, threading.Event()
         self.at_peak: list[tuple[str, int]] = []  # (process, RSS) at the peak, to see where memory goes
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
         me = psutil.Process()
-        seen = []
+        seen, pss = [], 0
         for p in [me, *me.children(recursive=True)]:
             try:
-                seen.append((_name(p), p.memory_info().rss))
+                info = p.memory_full_info()
+                seen.append((_name(p), info.rss))
+                pss += info.pss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         total = sum(rss for _, rss in seen)
+        self.peak_pss = max(self.peak_pss, pss)
         if total > self.peak:
             self.peak, self.at_peak = total, sorted(seen, key=lambda s: -s[1])
 
@@ -159,9 +165,9 @@ class PeakRSS:
 
 def run_job(
     checkpoint: str, paths: list[str], work: Path, batch_size: int, threads: int
-) -> tuple[float, float, float, float, float]:
-    """Images/s, images per CPU-second of the job and of its scoring actor, peak RSS (MB) and seconds of one
-    job on `paths`, in a Ray of its own."""
+) -> tuple[float, float, float, PeakRSS, float]:
+    """Images/s, images per CPU-second of the job and of its scoring actor, the memory peaks and seconds of
+    one job on `paths`, in a Ray of its own."""
     import ray
 
     manifest = work / f"images_{len(paths)}.txt"
@@ -179,11 +185,11 @@ def run_job(
     spent = sorted(((t - cpu_before.get(key, ("", 0.0))[1], name) for key, (name, t) in cpu_after.items()),
                    reverse=True)
     cpu = sum(t for t, _ in spent)
-    print(f"  processes at peak RSS (MB): {rss.breakdown()}", flush=True)
+    print(f"  processes at peak RSS (MB): {rss.breakdown()}; peak PSS {rss.peak_pss / 2**20:.0f} MB", flush=True)
     print(f"  CPU seconds while scoring ({cpu:.1f} in all): "
           + "; ".join(f"{name} {t:.1f}" for t, name in spent if t >= 0.05), flush=True)
     actor = sum(t for t, name in spent if "ScoreBatches" in name)
-    return summary.images_per_s, len(paths) / cpu, len(paths) / actor, rss.peak / 2**20, summary.seconds
+    return summary.images_per_s, len(paths) / cpu, len(paths) / actor, rss, summary.seconds
 
 
 def main() -> None:
@@ -209,11 +215,11 @@ def main() -> None:
         print(f"in-process scorer: {before:.1f} images/s, {before_cpu:.1f} images/CPU-s "
               f"({torch.get_num_threads()} torch threads)", flush=True)
         _, _, _, rss_small, small = run_job(checkpoint, paths[: args.small], work, args.batch_size, args.threads)
-        print(f"job on {args.small} images: peak RSS {rss_small:.0f} MB ({small:.1f} s)", flush=True)
+        print(f"job on {args.small} images: peak RSS {rss_small.peak / 2**20:.0f} MB ({small:.1f} s)", flush=True)
         pipeline, pipeline_cpu, actor_cpu, rss_large, large = run_job(
             checkpoint, paths, work, args.batch_size, args.threads)
         print(f"job on {args.large} images: {pipeline:.1f} images/s, {pipeline_cpu:.1f} images/CPU-s, "
-              f"peak RSS {rss_large:.0f} MB ({large:.1f} s)", flush=True)
+              f"peak RSS {rss_large.peak / 2**20:.0f} MB ({large:.1f} s)", flush=True)
         after, after_cpu = inprocess_rates(checkpoint, baseline, args.batch_size, args.threads)
         print(f"in-process scorer again: {after:.1f} images/s, {after_cpu:.1f} images/CPU-s", flush=True)
         inproc, inproc_cpu = (before + after) / 2, (before_cpu + after_cpu) / 2
@@ -222,9 +228,11 @@ def main() -> None:
         "pipeline_images_per_s": round(pipeline, 2),
         "inprocess_images_per_s": round(inproc, 2),
         "ratio": round(pipeline / inproc, 3),
-        f"peak_rss_mb_{args.small}": round(rss_small, 1),
-        f"peak_rss_mb_{args.large}": round(rss_large, 1),
-        "rss_growth": round(rss_large / rss_small - 1, 3),
+        f"peak_rss_mb_{args.small}": round(rss_small.peak / 2**20, 1),
+        f"peak_rss_mb_{args.large}": round(rss_large.peak / 2**20, 1),
+        "rss_growth": round(rss_large.peak / rss_small.peak - 1, 3),
+        f"peak_pss_mb_{args.small}": round(rss_small.peak_pss / 2**20, 1),
+        f"peak_pss_mb_{args.large}": round(rss_large.peak_pss / 2**20, 1),
         "inprocess_before_after": [round(before, 2), round(after, 2)],
         "pipeline_images_per_cpu_s": round(pipeline_cpu, 2),
         "inprocess_images_per_cpu_s": round(inproc_cpu, 2),

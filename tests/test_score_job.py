@@ -258,7 +258,7 @@ def test_tar_shards_manifest_and_s3_in_and_out(tmp_path, checkpoint, s3_server, 
 
 
 def test_scoring_actor_killed_mid_run_loses_and_doubles_nothing(tmp_path, checkpoint, ray_local):
-    images = _write(tmp_path / "images", _good_images(24, seed=8))
+    images = _write(tmp_path / "images", _good_images(16, seed=8))
     marker = tmp_path / "actor-exited"
     summary = score([str(tmp_path / "images")], checkpoint, str(tmp_path / "scores"), batch_size=2,
                     rows_per_file=6, progress=False,
@@ -267,11 +267,11 @@ def test_scoring_actor_killed_mid_run_loses_and_doubles_nothing(tmp_path, checkp
     rows, _, files = _rows(str(tmp_path / "scores"))
     assert set(rows) == {(p, None) for p in images}
     assert all(r["error"] is None for r in rows.values())
-    assert (summary.scored, summary.errors, len(files)) == (24, 0, len(summary.files))
+    assert (summary.scored, summary.errors, len(files)) == (16, 0, len(summary.files))
 
 
 def test_driver_killed_then_rerun_completes_without_duplicates(tmp_path, checkpoint, ray_local):
-    images = _write(tmp_path / "images", _good_images(30, seed=9))
+    images = _write(tmp_path / "images", _good_images(20, seed=9))
     shard = _good_images(6, seed=10)
     (tmp_path / "shard.tar").write_bytes(_tar(shard))
     inputs = [str(tmp_path / "images"), str(tmp_path / "shard.tar")]
