@@ -260,7 +260,7 @@ def demo(
     abnormal_dir: list[str] = AbnormalDirOpt,
     mask_dir: Optional[str] = MaskDirOpt,
     texture: str = typer.Option("brick", help="Texture of the generated dataset: brick, grass or gravel."),
-    epochs: int = typer.Option(20, help="Training epochs."),
+    epochs: int = typer.Option(30, help="Training epochs."),
     width: int = typer.Option(16, help="UNet width W."),
     img_size: int = typer.Option(64, help="Square image size."),
     workers: int = typer.Option(1, help="Ray Train workers and scoring actors."),

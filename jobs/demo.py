@@ -59,11 +59,11 @@ def run_demo(
     abnormal_dirs: Sequence[str] = (),
     mask_dir: str | None = None,
     texture: str = "brick",
-    epochs: int = 20,
+    epochs: int = 30,
     width: int = 16,
     img_size: int = 64,
-    batch_size: int = 16,
-    lr: float = 1e-3,
+    batch_size: int = 8,
+    lr: float = 2e-3,
     workers: int = 1,
     address: str | None = None,
     echo: Callable[[str], None] = print,
@@ -82,7 +82,7 @@ def run_demo(
     if data is None:
         data = str(out_dir / "data")
         if not (Path(data) / "train").is_dir():
-            info = make_demo_dataset(data, size=128, texture=texture)
+            info = make_demo_dataset(data, size=img_size, texture=texture)
             echo(f"[1/5] dataset: {sum(info['counts'].values())} {texture} images with synthetic defects in {data}")
         else:
             echo(f"[1/5] dataset: reusing {data}")

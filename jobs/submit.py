@@ -65,6 +65,7 @@ def submit(
     working_dir: str | Path = PROJECT_ROOT,
     env: dict[str, str] | None = None,
     pip: Sequence[str] | None = None,
+    agent_wait_s: float = 120.0,
 ) -> str:
     """Submit `ssm KIND ARGS...` to the cluster; returns the job id."""
     if kind not in KINDS:
@@ -77,10 +78,16 @@ def submit(
     if pip:
         runtime_env["pip"] = list(pip)
     entrypoint = shlex.join(["python", "cli.py", kind, *args])
-    try:
-        return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-    except Exception as e:
-        raise SubmitError(_explain(address, e, token)) from e
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except Exception as e:
+            # A head that has just started serves the API before its job agent is up: wait for it.
+            if "No available agent" in str(e) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise SubmitError(_explain(address, e, token)) from e
 
 
 def follow(job_id: str, address: str, token: str | None = None, echo: Callable[[str], None] = print,
