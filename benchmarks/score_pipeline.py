@@ -130,14 +130,13 @@ class PeakRSS:
         self.at_peak: list[tuple[str, int]] = []  # (process, RSS) at the peak, to see where memory goes
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> None:
+    def _sample(self, with_pss: bool) -> None:
         me = psutil.Process()
         seen, pss = [], 0
         for p in [me, *me.children(recursive=True)]:
             try:
-                info = p.memory_full_info()
-                seen.append((_name(p), info.rss))
-                pss += info.pss
+                seen.append((_name(p), p.memory_info().rss))
+                pss += p.memory_full_info().pss if with_pss else 0
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         total = sum(rss for _, rss in seen)
@@ -146,8 +145,10 @@ class PeakRSS:
             self.peak, self.at_peak = total, sorted(seen, key=lambda s: -s[1])
 
     def _run(self) -> None:
+        n = 0
         while not self._stop.is_set():
-            self._sample()
+            self._sample(with_pss=n % 10 == 0)  # PSS reads every mapping of every process: sample it rarely
+            n += 1
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
@@ -157,7 +158,7 @@ class PeakRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._sample()
+        self._sample(with_pss=True)
 
     def breakdown(self) -> str:
         return "; ".join(f"{name} {rss / 2**20:.0f}" for name, rss in self.at_peak)
