@@ -35,12 +35,16 @@ def _port() -> int:
 def head(tmp_path_factory):
     token = secrets.token_hex(16)
     port, dash = _port(), _port()
+    # Every port of its own: other Ray clusters of this test session (the ray_local fixture) hold the defaults.
+    own_ports = [f"--{flag}={_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "metrics-export-port", "runtime-env-agent-port",
+                                                     "ray-client-server-port")]
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--include-dashboard=true", f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
+         "--include-dashboard=true", f"--temp-dir={tmp_path_factory.mktemp('ray')}", *own_ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     url = f"http://127.0.0.1:{dash}"
