@@ -60,7 +60,7 @@ def matmul_rate(device: torch.device, n: int, iters: int) -> float:
     """Measured bf16 FLOP/s of an n x n x n matmul, after warm-up."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
+    for _ in range(10):  # warm-up: kernel selection, clocks
         a @ b
     with Timer(device) as t:
         for _ in range(iters):
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     # tau: 99th percentile of pass-1 pixel scores on held-out images, as a calibration would set it
     held_out = smooth_images(8, args.size, 3, seed=10_000).to(device)
     cfg.tau = float(torch.quantile(scorer.score(held_out, passes=1).first_pass.flatten().float().cpu(), 0.99))
-    print(f"W={args.width}, {args.size} px, {fwd / 1e9:.1f} GFLOP per forward, tau {cfg.tau:.4g}, "
+    print(f"W={args.width}, {args.size} px, {fwd / 1e9:.1f} GFLOP per forward ({18 * fwd / 1e12:.2f} TFLOP for "
+          f"18 forwards), tau {cfg.tau:.4g}, "
           f"bf16 autocast + channels_last, compile {args.compile}, early exit {cfg.early_exit}")
 
     print(f"{'batch':>6} {'images/s':>10} {'pass 2':>7} {'TFLOP/s':>8} {'of matmul':>9} {'peak GiB':>8}")
