@@ -58,29 +58,42 @@ def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of the model with each BatchNorm that follows a convolution folded into it.
+def inference_net(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of the model rewritten for scoring; it computes the same function.
 
-    In eval mode BN is a per-channel affine map, so conv -> BN is one conv with scaled weights and a bias:
-    the same function up to float rounding, with one pass less over every activation (1.04x in bf16 on
-    CPU; the convolutions are the rest). The BN of each mask block sits before a concatenation and stays."""
+    - Each BatchNorm that follows a convolution is folded into it: in eval mode BN is a per-channel affine
+      map, so conv -> BN is one conv with scaled weights and a bias (equal up to float rounding; 1.04x in
+      bf16 on CPU). The mask blocks' BN sits before a concatenation and stays.
+    - Nearest 2x upsampling followed by a 1x1 conv becomes the 1x1 conv followed by the upsampling: a
+      per-pixel linear map commutes with repeating pixels, and it then runs on 4x fewer pixels (bit-identical
+      results; 1.05x on CPU).
+    """
     net = copy.deepcopy(model).eval().requires_grad_(False)
     for seq in net.modules():
         if not isinstance(seq, nn.Sequential):
             continue
         for i in range(len(seq) - 1):
-            conv, bn = seq[i], seq[i + 1]
-            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None):
-                continue
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            shift = -bn.running_mean * scale
-            if bn.affine:
-                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-            bias = shift if conv.bias is None else conv.bias * scale + shift
-            conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
-            conv.bias = nn.Parameter(bias, requires_grad=False)
-            seq[i + 1] = nn.Identity()
+            first, second = seq[i], seq[i + 1]
+            if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d) and second.running_var is not None:
+                seq[i] = _fold(first, second)
+                seq[i + 1] = nn.Identity()
+            elif (
+                isinstance(first, nn.Upsample) and first.mode == "nearest"
+                and isinstance(second, nn.Conv2d) and second.kernel_size == (1, 1) and second.stride == (1, 1)
+                and second.padding == (0, 0) and second.groups == 1
+            ):
+                seq[i], seq[i + 1] = second, first
     return net
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+    conv.bias = nn.Parameter(shift if conv.bias is None else conv.bias * scale + shift, requires_grad=False)
+    return conv
 
 
 @dataclass
@@ -121,8 +134,8 @@ class ScoreOutput:
 class Scorer:
     """Batched SSM scorer around a trained model; the result for an image never depends on its batch.
 
-    It scores with its own copy of the model, made here (BatchNorm folded into the convolutions, channels
-    last): build a new Scorer after changing the model's weights. `model` stays the module given.
+    It scores with its own copy of the model, made here (inference_net, channels last): build a new Scorer
+    after changing the model's weights. `model` stays the module given.
     Defaults: bf16 autocast on CUDA and on CPUs with native bf16 (cpu_has_bf16), channels_last everywhere.
     """
 
@@ -144,10 +157,10 @@ class Scorer:
         self.amp = native_bf16 if amp is None else amp  # bf16 autocast where it is native, so faster
         # channels_last: oneDNN and cuDNN both run these convolutions faster in NHWC (1.07x in bf16 on CPU)
         self.channels_last = True if channels_last is None else channels_last
-        self.net = fold_batchnorm(model)
+        self.net = inference_net(model)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self._forward = torch.compile(self.net, dynamic=True) if compile else self.net
+        self._compiled = torch.compile(self.net, dynamic=True) if compile else self.net
 
     @property
     def tau(self) -> float | None:
@@ -159,6 +172,14 @@ class Scorer:
     def _scaled(self, size: int) -> tuple[list[int], int, float]:
         f = size / _REFERENCE_SIZE
         return cell_sizes(size, self.config.k_values), max(1, round(self.config.refine_cell * f)), self.config.sigma * f
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor):
+        if self.channels_last:
+            # A one-channel mask is NCHW and NHWC at once, and PyTorch files it as NCHW; then every mask block's
+            # concatenation comes out NCHW and its convolution copies it back to NHWC. NHWC strides avoid that.
+            h, w = mask.shape[-2:]
+            mask = mask.contiguous().as_strided(mask.shape, (h * w, 1, w, 1))
+        return self._compiled(x, mask)
 
     def _autocast(self):
         if not self.amp:
