@@ -63,7 +63,12 @@ def train(
     mask_dir: Optional[str] = MaskDirOpt,
     epochs: int = typer.Option(50, help="Training epochs (paper: 50)."),
     batch_size: int = typer.Option(32, help="Images per optimiser step, across all workers (paper: 32)."),
-    img_size: int = typer.Option(128, help="Square image size (paper: 128)."),
+    img_size: int = typer.Option(128, help="Square image size (paper: 128): every image is resized to it."),
+    tile: Optional[int] = typer.Option(
+        None, "--tile", help="Keep images at their own resolution and aspect ratio (see --scale): train on random "
+        "TILE x TILE crops, score overlapping TILE x TILE tiles stitched into one heatmap. Replaces --img-size."),
+    scale: float = typer.Option(1.0, "--scale", help="With --tile: resize every image by this factor first "
+                                "(1 = native resolution)."),
     width: int = typer.Option(64, help="UNet width W (paper: 64, about 33 M parameters)."),
     grayscale: bool = typer.Option(False, help="Build a 1-channel model for grayscale data."),
     upsample: str = typer.Option("nearest", help="Decoder upsampling: nearest or transpose."),
@@ -94,8 +99,13 @@ def train(
     from ssm.training import TrainConfig
 
     ks = _k_values(k_values)
+    if tile is not None and (tile < 16 or tile % 16):
+        _fail(f"--tile must be a multiple of 16 pixels (the UNet halves it four times), got {tile}")
+    if scale != 1.0 and tile is None:
+        _fail("--scale needs --tile: without tiles every image is resized to --img-size x --img-size")
     try:
-        model_cfg = ModelConfig(width=width, channels=1 if grayscale else 3, upsample=upsample, img_size=img_size)
+        model_cfg = ModelConfig(width=width, channels=1 if grayscale else 3, upsample=upsample,
+                                img_size=img_size if tile is None else tile, tiled=tile is not None, scale=scale)
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, beta=beta, gamma=gamma,
                           k_values=ks, seed=seed)
         scoring = ScoringConfig(k_values=ks, refine_passes=refine_passes, ratio=ratio, seed=seed)
@@ -135,8 +145,9 @@ def _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, mod
         _fail("--in-process reads and writes local folders only; drop it to use s3:// through the Ray job.")
     split = _split(data, layout, normal_dir, abnormal_dir, mask_dir)
     train_paths, val_paths = split_train_val(split.train, cfg.val_fraction, cfg.seed)
-    result = fit(ImageDataset(train_paths, model_cfg.img_size, model_cfg.channels),
-                 ImageDataset(val_paths, model_cfg.img_size, model_cfg.channels), out, model_cfg, cfg, scoring)
+    result = fit(ImageDataset.for_model(train_paths, model_cfg, crop="random", seed=cfg.seed),
+                 ImageDataset.for_model(val_paths, model_cfg, crop="fixed", seed=cfg.seed), out, model_cfg, cfg,
+                 scoring, calibration_data=ImageDataset.for_model(val_paths, model_cfg) if model_cfg.tiled else None)
     typer.echo(
         f"trained {cfg.epochs} epochs on {len(train_paths)} images ({len(val_paths)} held out); best epoch "
         f"{result.best_epoch} (validation loss {result.best_val_loss:.4f})\ncheckpoint: {result.best}"

@@ -3,7 +3,8 @@
 The job is one chain, in the order the data flows:
 
     inputs --list (driver)--> work units: a tar shard (its image members are rows) or a group of files
-           --decode_sources (CPU tasks)--> pixels at the model's size, or the row's error
+           --decode_sources (CPU tasks)--> pixels as the model takes them (img_size square, or the image at
+                                           its scaled size for a tiled model), or the row's error
            --ScoreBatches (actor pool; each actor loads the checkpoint once)--> scores, heatmap PNGs
            --ParquetSink--> OUT/part-<run>-<rows digest>.parquet
 
@@ -22,8 +23,9 @@ Example (the CLI: ssm score INPUT... --checkpoint CKPT --out OUT):
     summary = score(["s3://bucket/images/", "shards/*.tar"], "runs/ssm/best", "s3://bucket/scores/")
     print(summary.describe())
 
-Each file's schema metadata holds b"ssm": {"threshold", "heatmap_vmin", "heatmap_vmax", "img_size",
-"checkpoint"}, the scale on which every heatmap PNG was written (0 = vmin, 255 = vmax).
+Each file's schema metadata holds b"ssm": {"threshold", "heatmap_vmin", "heatmap_vmax", "img_size", "tiled",
+"scale", "heatmap_max_side", "checkpoint"}: the scale on which every heatmap PNG was written (0 = vmin,
+255 = vmax) and the resolution it was scored at.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from ray.data.block import BlockAccessor
 from jobs import storage
 from ssm.calibration import heatmap_to_uint8
 from ssm.checkpoint import CheckpointError, load_checkpoint
-from ssm.data import IMAGE_EXTENSIONS, DataError, decode_image
+from ssm.data import IMAGE_EXTENSIONS, DataError, decode_for
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ SCHEMA = pa.schema(
         ("member", pa.string()),  # the member name inside the tar; null for plain files
         ("image_score", pa.float64()),  # null when the row has an error
         ("is_anomaly", pa.bool_()),
-        ("heatmap_png", pa.binary()),  # 8-bit grayscale PNG at the model's size, calibrated fixed scale
+        ("heatmap_png", pa.binary()),  # 8-bit grayscale PNG at the scored resolution, calibrated fixed scale
         ("width", pa.int32()),  # original size of the image; null when it could not be read
         ("height", pa.int32()),
         ("checkpoint", pa.string()),
@@ -335,9 +337,9 @@ def _tar_members(uri: str, skip: set[str]) -> Iterator[tuple[str | None, bytes |
         )
 
 
-def _decode(data: bytes, channels: int, size: int, name: str) -> tuple[np.ndarray | None, int, int, str | None]:
+def _decode(data: bytes, model_config, name: str) -> tuple[np.ndarray | None, int, int, str | None]:
     try:
-        pixels, (w, h) = decode_image(data, channels, size, name=name)
+        pixels, (w, h) = decode_for(data, model_config, name=name)
         return pixels, w, h, None
     except DataError as e:
         return None, -1, -1, str(e)
@@ -345,15 +347,24 @@ def _decode(data: bytes, channels: int, size: int, name: str) -> tuple[np.ndarra
         return None, -1, -1, f"{name}: cannot be decoded ({type(e).__name__}: {e}); replace or remove it."
 
 
-def decode_sources(batch: dict[str, np.ndarray], channels: int, size: int, rows: int) -> Iterator[dict]:
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """A column of arrays that may differ in shape (Ray Data stores it as a variable-shaped tensor)."""
+    column = np.empty(len(arrays), dtype=object)
+    column[:] = arrays
+    return column
+
+
+def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Iterator[dict]:
     """Read and decode the work units of one block; yield batches of `rows` rows (fewer at the end).
 
-    Columns out: path, member ("" for plain files), pixels (C, size, size) float32 (zeros on error rows),
-    width, height (original size, -1 when unknown), error ("" when decoded). Empty strings rather than
-    None: a column of nothing but None does not survive Ray's block conversions as strings.
+    Columns out: path, member ("" for plain files), pixels float32 (C, S, S) as the model takes them, or
+    (C, H, W) at the image's scaled size for a tiled model (zeros on error rows), width, height (original
+    size, -1 when unknown), error ("" when decoded). Empty strings rather than None: a column of nothing but
+    None does not survive Ray's block conversions as strings.
     """
     out: dict[str, list] = {k: [] for k in ("path", "member", "pixels", "width", "height", "error")}
-    blank = np.zeros((channels, size, size), np.float32)
+    side = 1 if model_config.tiled else model_config.img_size
+    blank = np.zeros((model_config.channels, side, side), np.float32)
 
     def add(path, member, pixels, w, h, error):
         row = (path, member or "", blank if pixels is None else pixels, w, h, error or "")
@@ -364,7 +375,7 @@ def decode_sources(batch: dict[str, np.ndarray], channels: int, size: int, rows:
         b = {
             "path": np.array(out["path"], dtype=str),
             "member": np.array(out["member"], dtype=str),
-            "pixels": np.stack(out["pixels"]),
+            "pixels": _ragged(out["pixels"]) if model_config.tiled else np.stack(out["pixels"]),
             "width": np.array(out["width"], np.int32),
             "height": np.array(out["height"], np.int32),
             "error": np.array(out["error"], dtype=str),
@@ -378,7 +389,7 @@ def decode_sources(batch: dict[str, np.ndarray], channels: int, size: int, rows:
             uri = json.loads(uris)[0]
             for member, data, error in _tar_members(uri, set(json.loads(skip))):
                 if error is None:
-                    add(uri, member, *_decode(data, channels, size, f"{member} in {uri}"))
+                    add(uri, member, *_decode(data, model_config, f"{member} in {uri}"))
                 else:
                     add(uri, member, None, -1, -1, error)
                 if len(out["path"]) >= rows:
@@ -390,7 +401,7 @@ def decode_sources(batch: dict[str, np.ndarray], channels: int, size: int, rows:
             except Exception as e:
                 add(uri, None, None, -1, -1, f"{uri}: cannot be read ({type(e).__name__}: {e}); check that it exists.")
             else:
-                add(uri, None, *_decode(data, channels, size, uri))
+                add(uri, None, *_decode(data, model_config, uri))
             if len(out["path"]) >= rows:
                 yield flush()
     if out["path"]:
@@ -399,6 +410,20 @@ def decode_sources(batch: dict[str, np.ndarray], channels: int, size: int, rows:
 
 # ----------------------------------------------------------------------------------------------------------
 # Scoring (actor pool)
+
+# Heatmap PNGs are written at the scored resolution (img_size for whole images; the scaled image size for a
+# tiled model), reduced by area averaging where the longer side exceeds this, to bound the row size.
+MAX_HEATMAP_SIDE = 1024
+
+
+def heatmap_png_pixels(heatmap: torch.Tensor, calibration) -> np.ndarray:
+    """(H, W) heatmap -> uint8 pixels for its PNG: the calibrated fixed scale, longer side capped."""
+    h, w = heatmap.shape[-2:]
+    if max(h, w) > MAX_HEATMAP_SIDE:
+        f = MAX_HEATMAP_SIDE / max(h, w)
+        size = (max(1, round(h * f)), max(1, round(w * f)))
+        heatmap = torch.nn.functional.interpolate(heatmap[None, None].float(), size=size, mode="area")[0, 0]
+    return heatmap_to_uint8(heatmap, calibration).cpu().numpy()
 
 
 def _local_checkpoint(uri: str) -> str:
@@ -423,22 +448,22 @@ class ScoreBatches:
         self.batches = 0
         self.exit_after = os.environ.get(_EXIT_AFTER_ENV)
 
-    def _score(self, x) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-        """Scores (n,) float64 and uint8 heatmaps (n, H, W); a batch that fails is retried image by image,
-        so only the images that fail on their own become error rows."""
+    def _score(self, images: list[torch.Tensor]) -> tuple[np.ndarray, list[np.ndarray | None], list[str | None]]:
+        """Scores (n,) float64 and uint8 heatmaps; a batch that fails is retried image by image, so only the
+        images that fail on their own become error rows."""
         try:
-            out = self.scorer.score(x)
-            maps = heatmap_to_uint8(out.heatmaps, self.calibration).cpu().numpy()
-            return out.image_scores.double().cpu().numpy(), maps, [None] * len(x)
+            out = self.scorer.score_images(images)
+            maps = [heatmap_png_pixels(m, self.calibration) for m in out.heatmaps]
+            return out.image_scores.double().cpu().numpy(), maps, [None] * len(images)
         except Exception:
-            if len(x) == 1:
+            if len(images) == 1:
                 raise
-        scores = np.full(len(x), np.nan)
-        maps = np.zeros((len(x), *x.shape[-2:]), np.uint8)
-        errors: list[str | None] = [None] * len(x)
-        for i in range(len(x)):
+        scores = np.full(len(images), np.nan)
+        maps: list[np.ndarray | None] = [None] * len(images)
+        errors: list[str | None] = [None] * len(images)
+        for i in range(len(images)):
             try:
-                s, m, _ = self._score(x[i : i + 1])
+                s, m, _ = self._score(images[i : i + 1])
                 scores[i], maps[i] = s[0], m[0]
             except Exception as e:
                 errors[i] = f"scoring failed ({type(e).__name__}: {e})"
@@ -452,7 +477,8 @@ class ScoreBatches:
         scores = np.full(n, np.nan)
         pngs: list[bytes | None] = [None] * n
         if ok.any():
-            s, maps, failed = self._score(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
+            images = [torch.from_numpy(np.ascontiguousarray(batch["pixels"][i])) for i in np.flatnonzero(ok)]
+            s, maps, failed = self._score(images)
             for j, i in enumerate(np.flatnonzero(ok)):
                 if failed[j] is None and not np.isfinite(s[j]):
                     failed[j] = f"scoring gave a non-finite score ({s[j]})"
@@ -639,6 +665,9 @@ def score(
         "heatmap_vmin": cal.heatmap_vmin,
         "heatmap_vmax": cal.heatmap_vmax,
         "img_size": ckpt.model_config.img_size,
+        "tiled": ckpt.model_config.tiled,
+        "scale": ckpt.model_config.scale,
+        "heatmap_max_side": MAX_HEATMAP_SIDE,
         "checkpoint": ckpt.id,
     }
     sources = list_sources(inputs)
@@ -658,12 +687,11 @@ def score(
             cpus_per_worker = 1.0 if gpus > 0 else max(1.0, (cluster.get("CPU", 2) - 1) // workers)
         sink = ParquetSink(out, metadata, f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}", rows_per_file)
         t0 = time.perf_counter()
-        size, channels = ckpt.model_config.img_size, ckpt.model_config.channels
         ds = ray.data.from_items(units, override_num_blocks=len(units))
         ds = ds.map_batches(
             decode_sources,
             batch_size=None,  # one work unit (a tar shard, or a few dozen files) per task
-            fn_kwargs={"channels": channels, "size": size, "rows": batch_size},
+            fn_kwargs={"model_config": ckpt.model_config, "rows": batch_size},
             num_cpus=1,
             memory=_DECODE_MEMORY,
             runtime_env=runtime_env,

@@ -3,9 +3,11 @@
 The data flow, one line per stage:
 
     image files (local folder or s3:// prefix, any layout `ssm.data.load_layout` reads)
-      -> Ray Data CPU tasks: bytes -> `ssm.data.decode_image` -> uint8 (C, S, S); unreadable files are flagged
-         and counted, never fatal; a 10 % normal validation split is held out (`split_train_val`)
-      -> TorchTrainer workers under DDP: each streams its shard and runs `ssm.training.training_step`
+      -> Ray Data CPU tasks: bytes -> `ssm.data.decode_for` -> uint8 (C, S, S), or for a tiled model the whole
+         image at its scaled size; unreadable files are flagged and counted, never fatal; a 10 % normal
+         validation split is held out (`split_train_val`)
+      -> TorchTrainer workers under DDP: each streams its shard (a tiled model: one random S x S crop of each
+         image per epoch) and runs `ssm.training.training_step`
       -> every epoch: losses, validation loss and images/s (all workers) reported, a checkpoint saved
       -> at the end: the checkpoint with the lowest validation loss, calibrated on the held-out split in a
          Ray task with one worker's resources (a GPU when training used GPUs), written to RUN/best
@@ -46,9 +48,10 @@ from ray.train import UserCallback
 from jobs.storage import filesystem_for, fsspec_for, is_remote, join
 from ssm.calibration import Calibration, calibrate
 from ssm.checkpoint import load_checkpoint, save_checkpoint
-from ssm.data import DataError, decode_image, load_layout
+from ssm.data import DataError, decode_for, load_layout
 from ssm.model import ModelConfig, SSMUNet
 from ssm.scoring import ScoringConfig
+from ssm.tiling import random_crop
 from ssm.training import TrainConfig, make_optimizer, split_train_val, training_step, validation_loss
 
 TRAIN_STATE = "train_state.pt"  # beside the library's model.pt and ssm.json in every epoch checkpoint
@@ -110,23 +113,33 @@ def start_ray(address: str | None = None, workers: int = 1, cpus_per_worker: flo
 # Data: listing on the driver, decoding in Ray Data CPU tasks
 
 
-def _decode(batch: dict[str, np.ndarray], size: int, channels: int, scheme: str) -> dict[str, np.ndarray]:
-    """Ray Data stage: image bytes -> uint8 (channels, size, size). A file that does not decode is flagged."""
-    images = np.zeros((len(batch["path"]), channels, size, size), np.uint8)
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """A column of arrays that may differ in shape (Ray Data stores it as a variable-shaped tensor)."""
+    column = np.empty(len(arrays), dtype=object)
+    column[:] = arrays
+    return column
+
+
+def _decode(batch: dict[str, np.ndarray], model_config: ModelConfig, scheme: str) -> dict[str, np.ndarray]:
+    """Ray Data stage: image bytes -> uint8 (C, S, S), or (C, H, W) at the image's scaled size for a tiled
+    model. A file that does not decode is flagged."""
+    images, errors = [], []
     names = [scheme + str(p) for p in batch["path"]]  # "bucket/key" -> "s3://bucket/key" in messages
-    errors = []
-    for i, (data, name) in enumerate(zip(batch["bytes"], names)):
+    for data, name in zip(batch["bytes"], names):
         try:
-            pixels, _ = decode_image(data, channels, size, name=name)
-            images[i] = np.round(pixels * 255.0)  # ImageDataset's quantisation: the inputs `fit` sees
+            pixels, _ = decode_for(data, model_config, name=name)
+            images.append(np.round(pixels * 255.0).astype(np.uint8))  # ImageDataset's quantisation: what `fit` sees
             errors.append("")
         except DataError as e:
+            side = 1 if model_config.tiled else model_config.img_size
+            images.append(np.zeros((model_config.channels, side, side), np.uint8))
             errors.append(str(e))
     errors = np.array(errors, dtype=object)
-    return {"path": np.array(names, dtype=object), "image": images, "ok": errors == "", "error": errors}
+    column = _ragged(images) if model_config.tiled else np.stack(images)
+    return {"path": np.array(names, dtype=object), "image": column, "ok": errors == "", "error": errors}
 
 
-def _decoded(paths: list[str], data_uri: str, size: int, channels: int):
+def _decoded(paths: list[str], data_uri: str, model_config: ModelConfig):
     """Decode `paths` once on Ray Data CPU tasks; returns (materialised images, [(file, why) skipped]).
 
     Materialised, so epochs re-read decoded pixels from the object store (as `fit` caches them) and need no
@@ -138,11 +151,21 @@ def _decoded(paths: list[str], data_uri: str, size: int, channels: int):
     filesystem, _ = filesystem_for(data_uri)
     scheme = data_uri.split("://", 1)[0] + "://" if is_remote(data_uri) else ""
     decoded = (ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem)
-               .map_batches(_decode, fn_kwargs={"size": size, "channels": channels, "scheme": scheme}, batch_size=32)
+               .map_batches(_decode, fn_kwargs={"model_config": model_config, "scheme": scheme}, batch_size=32)
                .materialize())
     skipped = sorted((r["path"], r["error"]) for r in decoded.select_columns(["path", "error"]).take_all()
                      if r["error"])
     return decoded.filter(expr=col("ok")).select_columns(["image"]).materialize(), skipped
+
+
+def _model_inputs(images, model_config: ModelConfig, rng: random.Random | None) -> torch.Tensor:
+    """A batch of decoded uint8 images as the network's float input: the images themselves, or for a tiled
+    model one img_size crop of each (drawn from `rng`; None: the fixed crop of each image's index)."""
+    if not model_config.tiled:
+        return torch.from_numpy(np.stack(list(images))).float().div_(255.0)
+    crops = [random_crop(torch.from_numpy(np.asarray(a)), model_config.img_size, rng or random.Random(f"fixed:{i}"))
+             for i, a in enumerate(images)]
+    return torch.stack(crops).float().div_(255.0)
 
 
 def list_training_images(data: str, layout: str = "mvtec", normal_dirs: Sequence[str] = (),
@@ -213,16 +236,18 @@ def _train_loop(config: dict) -> dict:
         sched.milestones = Counter(cfg.milestones())  # kept out of the file (a Counter); follows --epochs
         start, history = state["epoch"], state["history"]
 
-    val_images = torch.from_numpy(ray.get(config["val_images"])[rank::world].copy())  # this worker's share
+    # This worker's share of the held-out images; for a tiled model one fixed crop of each, every epoch.
+    val_images = _model_inputs(ray.get(config["val_images"])[rank::world], model_config, None)
     shard = ray.train.get_dataset_shard("train")
     drop_last = config["n_train"] // world > batch_size
     for epoch in range(start, cfg.epochs):
         random.seed(f"{cfg.seed}:{rank}:{epoch}")  # the per-batch mask scale, reproducible after a restart
         model.train()
         t0, seen, sums = time.perf_counter(), 0, dict.fromkeys(PART_NAMES, 0.0)
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
-                                              local_shuffle_buffer_size=4 * batch_size, prefetch_batches=2):
-            x = batch["image"].to(device, non_blocking=True).float().div_(255.0)
+        crops = random.Random(f"{cfg.seed}:{rank}:{epoch}:crops")  # tiled: a new crop of each image every epoch
+        for batch in shard.iter_batches(batch_size=batch_size, drop_last=drop_last, batch_format="numpy",
+                                        local_shuffle_buffer_size=4 * batch_size, prefetch_batches=2):
+            x = _model_inputs(batch["image"], model_config, crops).to(device, non_blocking=True)
             loss, parts = training_step(model, x, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -236,7 +261,7 @@ def _train_loop(config: dict) -> dict:
         (slowest,) = _all_reduce([elapsed], device, "max")  # global rate: all images over the slowest worker
 
         _sync_buffers(module)
-        val_batches = (b.float().div_(255.0) for b in val_images.split(batch_size))
+        val_batches = val_images.split(batch_size)
         mean = validation_loss(module, val_batches, cfg, device) if len(val_images) else 0.0
         val_sum, n_val = _all_reduce([mean * len(val_images), len(val_images)], device)
         row = {"epoch": epoch + 1, **{k: v / max(n_seen, 1) for k, v in zip(PART_NAMES, totals)},
@@ -262,12 +287,13 @@ def _train_loop(config: dict) -> dict:
 # Calibration of the best checkpoint, where the workers ran
 
 
-def _calibrate_checkpoint(checkpoint, val_images: np.ndarray, batch_size: int) -> dict:
+def _calibrate_checkpoint(checkpoint, val_images, batch_size: int) -> dict:
+    """Calibrate on the held-out images as scoring will see them: whole (a tiled model scores by tiles)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with checkpoint.as_directory() as d:
         scorer = load_checkpoint(d, map_location=device).scorer(device)
-    batches = torch.tensor(val_images).split(batch_size)
-    return calibrate(scorer, [b.float().div_(255.0) for b in batches]).to_dict()
+    images = [torch.from_numpy(np.asarray(a)).float().div_(255.0) for a in val_images]
+    return calibrate(scorer, [images[i : i + batch_size] for i in range(0, len(images), batch_size)]).to_dict()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -374,9 +400,8 @@ def train(
     paths = list_training_images(data, layout, normal_dirs, abnormal_dirs, mask_dir)
     train_paths, val_paths = split_train_val(paths, cfg.val_fraction, cfg.seed)
     cpus_per_worker = start_ray(address, workers, cpus_per_worker, gpus_per_worker)
-    size, channels = model_config.img_size, model_config.channels
-    train_ds, skipped = _decoded(train_paths, data, size, channels)
-    val_ds, val_skipped = _decoded(val_paths, data, size, channels)
+    train_ds, skipped = _decoded(train_paths, data, model_config)
+    val_ds, val_skipped = _decoded(val_paths, data, model_config)
     skipped = sorted(skipped + val_skipped)
     n_train, n_val = train_ds.count(), val_ds.count()
     if n_train == 0 or n_val == 0:
@@ -385,7 +410,7 @@ def train(
                         f"{len(skipped)} of {len(paths)} failed to decode{example}; fix or replace them.")
     if n_train < workers:
         raise ValueError(f"--workers {workers} is more than the {n_train} training images; use fewer workers.")
-    val_ref = ray.put(np.stack([r["image"] for r in val_ds.take_all()]))  # small: every worker takes a share
+    val_ref = ray.put([r["image"] for r in val_ds.take_all()])  # small: every worker takes a share
     if not resume:
         _write_text(join(out, "job.json"), json.dumps(job, indent=1))
 

@@ -55,9 +55,11 @@ def calibrate(
     pixel_quantile: float = 0.99,
     image_quantile: float = 0.99,
 ) -> Calibration:
-    """Measure the calibration on batches (B, C, H, W) of held-out normal images; sets it on the scorer.
+    """Measure the calibration on batches of held-out normal images; sets it on the scorer.
 
-    The batches are read twice (tau first, then the refined scores), so pass a list or a re-iterable.
+    A batch is a (B, C, H, W) tensor, or a list of (C, H, W) images of any size for a tiled model: each goes
+    through `Scorer.score_images`, as scoring will. The batches are read twice (tau first, then the refined
+    scores), so pass a list or a re-iterable.
     """
     batches = list(batches)
     if not batches or sum(len(b) for b in batches) == 0:
@@ -66,7 +68,8 @@ def calibrate(
     saved_tau, saved_cal = scorer.config.tau, scorer.calibration
     scorer.calibration = None
     try:
-        pixels = [scorer.score(b, passes=1).first_pass.flatten().cpu().numpy() for b in batches]
+        pixels = [m.flatten().cpu().numpy() for b in batches
+                  for m in scorer.score_images(b, passes=1, keep_first_pass=True).first_pass]
         pix = np.concatenate(pixels)
         if pix.size > _MAX_PIXEL_SAMPLES:
             pix = rng.choice(pix, _MAX_PIXEL_SAMPLES, replace=False)
@@ -75,7 +78,7 @@ def calibrate(
         scorer.config.tau = tau
         hmax, err, heat_q = [], [], []
         for b in batches:
-            out = scorer.score(b)
+            out = scorer.score_images(b)
             hmax.append(out.heatmap_max.cpu().numpy())
             err.append(out.recon_error.cpu().numpy())
         hmax, err = np.concatenate(hmax), np.concatenate(err)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 import struct
 import sys
 import warnings
@@ -111,18 +112,23 @@ def _to_float(im: Image.Image, label: str) -> np.ndarray:
     raise DataError(f"{label}: unsupported image mode {mode!r}; convert the image to RGB or grayscale.")
 
 
-def _resize(a: np.ndarray, size: int) -> np.ndarray:
-    """Resize float (H, W, C) to (size, size, C) with PIL bilinear (antialiased when shrinking).
+def _resize(a: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize float (H, W, C) to (height, width, C) with PIL bilinear (antialiased when shrinking).
 
     Each channel goes through PIL's 32-bit float mode, so 16-bit sources keep their precision.
     """
-    if a.shape[0] == size and a.shape[1] == size:
+    if a.shape[0] == height and a.shape[1] == width:
         return a
     channels = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(a[:, :, c]), mode="F").resize((size, size), Image.BILINEAR))
+        np.asarray(Image.fromarray(np.ascontiguousarray(a[:, :, c]), mode="F").resize((width, height), Image.BILINEAR))
         for c in range(a.shape[2])
     ]
     return np.clip(np.stack(channels, axis=2), 0.0, 1.0)
+
+
+def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """(width, height) resized by `scale`, aspect ratio kept, at least 1 px each."""
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def decode_image(
@@ -130,10 +136,12 @@ def decode_image(
     channels: int = 3,
     size: int | None = None,
     name: str | None = None,
+    scale: float | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode an image file or its bytes to float32 (channels, size, size) in [0, 1].
 
-    Returns the array (original height and width when `size` is None) and the ORIGINAL (width, height).
+    Returns the array and the ORIGINAL (width, height). With `size` None the array keeps the image's aspect
+    ratio: its original height and width, or both multiplied by `scale` when given.
     8-bit modes are scaled by 255, 16-bit integer modes by 65535, 32-bit integer by 2**31 - 1; float images
     are clipped to [0, 1]. Palette and CMYK images become RGB; alpha is dropped by compositing onto black.
     channels=3 repeats a grayscale image to three channels; channels=1 turns colour into luma (ITU-R 601-2).
@@ -176,12 +184,22 @@ def decode_image(
         ) from e
 
     if size is not None:
-        a = _resize(a, size)
+        a = _resize(a, size, size)
+    elif scale is not None and scale != 1.0:
+        a = _resize(a, *scaled_size(width, height, scale))
     if channels == 3 and a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     elif channels == 1 and a.shape[2] == 3:
         a = (a @ _LUMA)[:, :, None]
     return np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32), (width, height)
+
+
+def decode_for(source: str | os.PathLike | bytes, model_config, name: str | None = None):
+    """`decode_image` as the model expects its input: the whole image resized to img_size x img_size, or
+    for a tiled model (ModelConfig.tiled) the image resized by ModelConfig.scale with its aspect ratio kept."""
+    if model_config.tiled:
+        return decode_image(source, model_config.channels, None, name, model_config.scale)
+    return decode_image(source, model_config.channels, model_config.img_size, name)
 
 
 def decode_mask(source: str | os.PathLike | bytes, size: int, name: str | None = None) -> np.ndarray:
@@ -441,31 +459,57 @@ def load_layout(
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images resized to (channels, size, size) float32 tensors in [0, 1].
+    """Images as float32 tensors in [0, 1]: (channels, size, size), or tiles of a tiled model.
 
     Each decoded image is kept in memory as uint8 after its first read, so later epochs skip decoding
     (128 px RGB is 48 KiB an image); pass cache=False for datasets that do not fit. The first read returns
     the same quantised values as later ones, so every epoch sees identical inputs.
+
+    With `tiled`, images keep their aspect ratio (resized by `scale`) and `crop` says what an item is:
+    "random" a size x size crop drawn anew on every read (one per image per epoch, from a generator seeded
+    by `seed`), "fixed" the same crop every time (for validation), None the whole image (shapes differ).
     """
 
-    def __init__(self, paths: Sequence[str], size: int, channels: int = 3, cache: bool = True):
+    def __init__(self, paths: Sequence[str], size: int, channels: int = 3, cache: bool = True, *,
+                 tiled: bool = False, scale: float = 1.0, crop: str | None = None, seed: int = 0):
+        if crop not in (None, "random", "fixed"):
+            raise ValueError(f"crop must be None, 'random' or 'fixed', got {crop!r}")
         self.paths = list(paths)
         self.size = size
         self.channels = channels
         self.cache = cache
+        self.tiled, self.scale, self.crop, self.seed = tiled, scale, crop, seed
+        self._rng = random.Random(seed)
         self._cached: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def for_model(cls, paths: Sequence[str], model_config, crop: str | None = None, seed: int = 0, cache: bool = True):
+        """The dataset of `paths` as `model_config` takes its input (whole images or tiles)."""
+        return cls(paths, model_config.img_size, model_config.channels, cache, tiled=model_config.tiled,
+                   scale=model_config.scale, crop=crop, seed=seed)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def pixels(self, index: int) -> np.ndarray:
+        """The decoded image as uint8 (C, H, W), cached."""
         pixels = self._cached.get(index)
         if pixels is None:
-            a, _ = decode_image(self.paths[index], self.channels, self.size)
+            size = None if self.tiled else self.size
+            a, _ = decode_image(self.paths[index], self.channels, size, scale=self.scale if self.tiled else None)
             pixels = np.round(a * 255.0).astype(np.uint8)
             if self.cache:
                 self._cached[index] = pixels
-        return torch.from_numpy(pixels).float().div_(255.0)
+        return pixels
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        x = torch.from_numpy(self.pixels(index))
+        if self.tiled and self.crop is not None:
+            from .tiling import random_crop
+
+            rng = self._rng if self.crop == "random" else random.Random(f"{self.seed}:{index}")
+            x = random_crop(x, self.size, rng)
+        return x.float().div_(255.0)
 
 
 def _progress(items: Sequence, enabled: bool, what: str):

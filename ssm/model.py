@@ -13,6 +13,7 @@ bottleneck and after every up block). The head predicts the reconstruction and t
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,7 +28,9 @@ class ModelConfig:
     width: int = 64  # W: channels of the first stage (paper: 64, about 33 M parameters)
     channels: int = 3  # image channels: 3 (RGB, grayscale repeated) or 1 (grayscale model)
     upsample: str = "nearest"  # "nearest" (interpolate + 1x1 conv) or "transpose" (transposed conv)
-    img_size: int = 128  # square input size the model is trained and scored at
+    img_size: int = 128  # square input of the network: the whole image resized to it, or the tile side
+    tiled: bool = False  # keep each image's aspect ratio (resized by `scale`): train on crops, score by tiles
+    scale: float = 1.0  # with tiles: resize factor applied to the image first (1 = native resolution)
 
     def __post_init__(self) -> None:
         if self.width < 1:
@@ -38,6 +41,10 @@ class ModelConfig:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
         if self.img_size % 16:
             raise ValueError(f"img_size must be a multiple of 16 (four 2x downsamplings), got {self.img_size}")
+        if not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ValueError(f"scale must be a positive number, got {self.scale}")
+        if self.scale != 1.0 and not self.tiled:
+            raise ValueError("scale applies to tiled models only: the whole image is resized to img_size otherwise")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -107,6 +107,7 @@ class ScoringConfig:
     seed: int = 0  # mask seed; with the image content it fixes the masks of each image
     tau: float | None = None  # pixel threshold; None takes the calibration's
     early_exit: bool = True  # skip later passes for images with no suspicious cell (exact: see _refine)
+    tile_overlap: float = 0.5  # tiled models: neighbouring tiles overlap by at least this fraction of a tile
     max_forward_batch: int = 1024  # masked inputs per forward call, bounds activation memory
 
     def to_dict(self) -> dict:
@@ -129,6 +130,18 @@ class ScoreOutput:
     recon_error: torch.Tensor  # (B,) raw MSE(x, x_hat) of the last pass
     first_pass: torch.Tensor | None = None  # (B, H, W) smoothed map of pass 1
     passes: list[int] = field(default_factory=list)  # images that ran each pass
+
+
+@dataclass
+class ImageScores:
+    """Scores of images that may differ in size (Scorer.score_images): one entry per image."""
+
+    image_scores: torch.Tensor  # (N,) fused, calibrated image score
+    heatmaps: list[torch.Tensor]  # (H_i, W_i) final anomaly map of each image, at its scored resolution
+    heatmap_max: torch.Tensor  # (N,) raw maximum of each heatmap
+    recon_error: torch.Tensor  # (N,) raw reconstruction error (for tiles: the mean over the image's tiles)
+    first_pass: list[torch.Tensor] | None = None  # pass-1 maps, when asked for
+    passes: list[int] = field(default_factory=list)  # inputs (images or tiles) that ran each pass
 
 
 class Scorer:
@@ -241,6 +254,50 @@ class Scorer:
             ran.append(n)
         hmax = heat.flatten(1).amax(1)
         return ScoreOutput(self._fuse(hmax, err), heat, hmax, err, first, ran)
+
+    def score_images(self, images: Sequence[torch.Tensor] | torch.Tensor, passes: int | None = None,
+                     keep_first_pass: bool = False) -> ImageScores:
+        """Score images (C, H, W) as the model takes them: a batch of whole images at img_size, or, for a
+        tiled model (ModelConfig.tiled), each image of any size as overlapping img_size tiles whose maps are
+        stitched into one heatmap at the image's own resolution (ssm.tiling). The image score fuses the
+        stitched map's maximum with the mean reconstruction error of the image's tiles."""
+        tiled = getattr(getattr(self.model, "config", None), "tiled", False)
+        if not tiled:
+            x = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+            out = self.score(x, passes)
+            first = list(out.first_pass) if keep_first_pass else None
+            return ImageScores(out.image_scores, list(out.heatmaps), out.heatmap_max, out.recon_error, first, out.passes)
+        return self._score_tiled(list(images), passes, keep_first_pass)
+
+    def _score_tiled(self, images: list[torch.Tensor], passes: int | None, keep_first_pass: bool) -> ImageScores:
+        from .tiling import Stitcher, pad_to, tile_grid
+
+        tile = self.model.config.img_size
+        per_batch = max(1, self.config.max_forward_batch // (len(self.config.k_values) * self.config.n_masks))
+        padded = [pad_to(img, tile) for img in images]
+        jobs = [(i, origin) for i, img in enumerate(images)
+                for origin in tile_grid(tuple(img.shape[-2:]), tile, self.config.tile_overlap)]
+        heat = [Stitcher(tuple(img.shape[-2:]), tile, self.device) for img in images]
+        first = [Stitcher(tuple(img.shape[-2:]), tile, self.device) for img in images] if keep_first_pass else None
+        err_sum = torch.zeros(len(images), dtype=torch.float64)
+        n_tiles = torch.bincount(torch.tensor([i for i, _ in jobs], dtype=torch.int64), minlength=len(images))
+        ran: list[int] = []
+        for start in range(0, len(jobs), per_batch):  # an image's tiles are batched together, chunked
+            chunk = jobs[start : start + per_batch]
+            x = torch.stack([padded[i][:, t : t + tile, l : l + tile] for i, (t, l) in chunk])
+            out = self.score(x, passes)
+            ran = [a + b for a, b in zip(ran, out.passes)] if ran else list(out.passes)
+            owners = torch.tensor([i for i, _ in chunk], dtype=torch.int64)
+            err_sum.index_add_(0, owners, out.recon_error.double().cpu())
+            for j, (i, origin) in enumerate(chunk):
+                heat[i].add(out.heatmaps[j], origin)
+                if first is not None:
+                    first[i].add(out.first_pass[j], origin)
+        maps = [h.result() for h in heat]
+        hmax = torch.stack([m.max() for m in maps]) if maps else torch.zeros(0)
+        err = (err_sum / n_tiles.clamp(min=1)).to(torch.float32).to(hmax.device)
+        firsts = [f.result() for f in first] if first is not None else None
+        return ImageScores(self._fuse(hmax, err), maps, hmax, err, firsts, ran)
 
     def _refine(self, x, masks, heat, err, cells, rcell, sigma):
         """One refinement pass. Images whose cells are all normal would see every pixel revealed, so their

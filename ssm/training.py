@@ -112,6 +112,11 @@ def _batches(data: Dataset, batch_size: int) -> list[torch.Tensor]:
     return [b[0] if isinstance(b, (list, tuple)) else b for b in loader]
 
 
+def image_batches(data: Dataset, batch_size: int) -> list[list[torch.Tensor]]:
+    """Items of `data` in lists of up to batch_size, unstacked: images may differ in size."""
+    return [[data[i] for i in range(j, min(j + batch_size, len(data)))] for j in range(0, len(data), batch_size)]
+
+
 @dataclass
 class FitResult:
     run_dir: Path
@@ -132,8 +137,13 @@ def fit(
     device: str | torch.device | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
+    calibration_data: Dataset | None = None,
 ) -> FitResult:
-    """Train in this process; writes RUN/last, RUN/best (calibrated) and RUN/history.json."""
+    """Train in this process; writes RUN/last, RUN/best (calibrated) and RUN/history.json.
+
+    The best checkpoint is calibrated on `calibration_data` (default: `val_data`): for a tiled model, the
+    held-out images whole (ImageDataset with crop=None), since scoring sees whole images, not crops.
+    """
     from tqdm.auto import tqdm
 
     model_config = model_config or ModelConfig()
@@ -190,6 +200,6 @@ def fit(
 
     best = load_checkpoint(out / "best", map_location=device)
     scorer = Scorer(best.build_model(device), scoring)
-    cal = calibrate(scorer, val_batches)
+    cal = calibrate(scorer, val_batches if calibration_data is None else image_batches(calibration_data, cfg.batch_size))
     save_checkpoint(out / "best", scorer.model, model_config, scoring, cal, best.meta)
     return FitResult(out, out / "best", best_epoch, best_loss, cal, history)
