@@ -24,12 +24,20 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _k_values(text: str) -> tuple[int, ...]:
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers ('' is the empty list)."""
     try:
         values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
     except ValueError:
-        values = ()
-    if not values or any(v < 1 for v in values):
+        _fail(f"{flag} must be a comma-separated list of positive whole numbers, got {text!r}")
+    if any(v < 1 for v in values):
+        _fail(f"{flag} must be a comma-separated list of positive whole numbers, got {text!r}")
+    return values
+
+
+def _k_values(text: str) -> tuple[int, ...]:
+    values = _int_list(text, "--k-values")
+    if not values:
         _fail(f"--k-values must be a comma-separated list of positive cell sizes such as 2,4,8, got {text!r}")
     return values
 
@@ -73,6 +81,9 @@ def train(
     grayscale: bool = typer.Option(False, help="Build a 1-channel model for grayscale data."),
     upsample: str = typer.Option("nearest", help="Decoder upsampling: nearest or transpose."),
     lr: float = typer.Option(1e-4, help="Adam learning rate (paper: 1e-4)."),
+    lr_steps: str = typer.Option(
+        "15,30,45", "--lr-steps", help="Epochs after which the learning rate is cut by 10x, comma-separated "
+        "(paper: 15,30,45); steps at or after --epochs do nothing; '' for none."),
     alpha: float = typer.Option(1.0, help="MSGMS loss weight."),
     beta: float = typer.Option(1.0, help="SSIM loss weight."),
     gamma: float = typer.Option(1.0, help="MSE loss weight."),
@@ -107,7 +118,7 @@ def train(
         model_cfg = ModelConfig(width=width, channels=1 if grayscale else 3, upsample=upsample,
                                 img_size=img_size if tile is None else tile, tiled=tile is not None, scale=scale)
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, beta=beta, gamma=gamma,
-                          k_values=ks, seed=seed)
+                          k_values=ks, seed=seed, lr_steps=_int_list(lr_steps, "--lr-steps"))
         scoring = ScoringConfig(k_values=ks, refine_passes=refine_passes, ratio=ratio, seed=seed)
         if in_process:
             _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, model_cfg, cfg, scoring)
@@ -203,6 +214,9 @@ def score(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: start one here)."),
     threshold: Optional[float] = typer.Option(
         None, "--threshold", help="Decision threshold on the image score (default: the checkpoint's calibrated one)."),
+    bf16: bool = typer.Option(
+        False, "--bf16", help="Score under bf16 autocast: about 2x faster on GPUs and CPUs with native bf16, "
+        "but scores move slightly (float32 by default)."),
 ):
     """Score every image in INPUTS on Ray and write one Parquet row per image (score, anomaly flag, heatmap)."""
     from jobs.score import score as score_job
@@ -211,7 +225,7 @@ def score(
 
     try:
         summary = score_job(inputs, checkpoint, out, workers=workers, gpus_per_worker=gpus_per_worker,
-                            batch_size=batch_size, threshold=threshold, address=address)
+                            batch_size=batch_size, threshold=threshold, address=address, bf16=bf16)
     except (DataError, CheckpointError, ValueError) as e:
         _fail(str(e))
     typer.echo(summary.describe())

@@ -95,7 +95,7 @@ def run_demo(
     run = train(
         data, str(out_dir / "run"), layout=layout, normal_dirs=normal_dirs, abnormal_dirs=abnormal_dirs,
         mask_dir=mask_dir, model_config=ModelConfig(width=width, img_size=img_size),
-        cfg=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr), scoring=ScoringConfig(),
+        cfg=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_steps=(9, 18, 27)), scoring=ScoringConfig(),
         workers=workers, address=address,
         on_epoch=lambda row: echo(f"      epoch {row['epoch']:3d}  loss {row['loss']:.4f}  val {row['val_loss']:.4f}"),
     )

@@ -24,7 +24,7 @@ Example (the CLI: ssm score INPUT... --checkpoint CKPT --out OUT):
     print(summary.describe())
 
 Each file's schema metadata holds b"ssm": {"threshold", "heatmap_vmin", "heatmap_vmax", "img_size", "tiled",
-"scale", "heatmap_max_side", "checkpoint"}: the scale on which every heatmap PNG was written (0 = vmin,
+"scale", "heatmap_max_side", "precision", "checkpoint"}: the scale on which every heatmap PNG was written (0 = vmin,
 255 = vmax) and the resolution it was scored at.
 """
 
@@ -250,6 +250,11 @@ def _check_same_run(out: str, old: dict | None, new: dict) -> None:
             f"{out} already holds scores from checkpoint {old.get('checkpoint')} with threshold "
             f"{old.get('threshold')}; resume with the same --checkpoint and --threshold, or choose a new --out."
         )
+    if old.get("precision", "float32") != new["precision"]:
+        raise DataError(
+            f"{out} already holds scores computed in {old.get('precision', 'float32')}; resume "
+            f"{'with' if old.get('precision') == 'bf16' else 'without'} --bf16, or choose a new --out."
+        )
 
 
 def _plan_units(sources: Sequence[Source], done: set[tuple[str, str]]) -> tuple[list[dict], int]:
@@ -437,11 +442,12 @@ def _local_checkpoint(uri: str) -> str:
 class ScoreBatches:
     """The scoring actor: loads the checkpoint once, then turns decoded batches into output rows."""
 
-    def __init__(self, checkpoint: str, checkpoint_id: str, threshold: float, threads: int, use_gpu: bool):
+    def __init__(self, checkpoint: str, checkpoint_id: str, threshold: float, threads: int, use_gpu: bool,
+                 bf16: bool = False):
         torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         ckpt = load_checkpoint(_local_checkpoint(checkpoint), map_location=device)
-        self.scorer = ckpt.scorer(device)
+        self.scorer = ckpt.scorer(device, amp=bf16)
         self.calibration = ckpt.calibration
         self.checkpoint_id = checkpoint_id
         self.threshold = threshold
@@ -638,11 +644,13 @@ def score(
     rows_per_file: int = 4096,
     progress: bool = True,
     runtime_env: dict | None = None,
+    bf16: bool = False,
 ) -> ScoreSummary:
     """Score every image under `inputs` with `checkpoint` and write the rows to `out` (folder or s3://).
 
     Uses the running Ray, else connects to `address`, else starts Ray in this process (and stops it at
-    the end). gpus_per_worker defaults to 1 when the cluster has GPUs, else 0; cpus_per_worker defaults to
+    the end). bf16: score under bf16 autocast (faster where bf16 is native; scores move slightly, so the
+    output records it and a resume must use the same precision). gpus_per_worker defaults to 1 when the cluster has GPUs, else 0; cpus_per_worker defaults to
     1 with GPUs, else the cluster's CPUs less one, shared among the workers (also their torch threads).
     Raises DataError (inputs, output) or CheckpointError with a message meant for the user.
     """
@@ -668,6 +676,7 @@ def score(
         "tiled": ckpt.model_config.tiled,
         "scale": ckpt.model_config.scale,
         "heatmap_max_side": MAX_HEATMAP_SIDE,
+        "precision": "bf16" if bf16 else "float32",
         "checkpoint": ckpt.id,
     }
     sources = list_sources(inputs)
@@ -708,6 +717,7 @@ def score(
                 "threshold": threshold,
                 "threads": int(cpus_per_worker),
                 "use_gpu": gpus > 0,
+                "bf16": bf16,
             },
             runtime_env=runtime_env,
         )

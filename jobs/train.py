@@ -161,8 +161,11 @@ def _decoded(paths: list[str], data_uri: str, model_config: ModelConfig):
 def _model_inputs(images, model_config: ModelConfig, rng: random.Random | None) -> torch.Tensor:
     """A batch of decoded uint8 images as the network's float input: the images themselves, or for a tiled
     model one img_size crop of each (drawn from `rng`; None: the fixed crop of each image's index)."""
+    images = list(images)
+    if not images:  # e.g. a worker whose share of a small validation set is empty
+        return torch.empty(0, model_config.channels, model_config.img_size, model_config.img_size)
     if not model_config.tiled:
-        return torch.from_numpy(np.stack(list(images))).float().div_(255.0)
+        return torch.from_numpy(np.stack(images)).float().div_(255.0)
     crops = [random_crop(torch.from_numpy(np.asarray(a)), model_config.img_size, rng or random.Random(f"fixed:{i}"))
              for i, a in enumerate(images)]
     return torch.stack(crops).float().div_(255.0)

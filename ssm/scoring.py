@@ -107,7 +107,8 @@ class ScoringConfig:
     seed: int = 0  # mask seed; with the image content it fixes the masks of each image
     tau: float | None = None  # pixel threshold; None takes the calibration's
     early_exit: bool = True  # skip later passes for images with no suspicious cell (exact: see _refine)
-    tile_overlap: float = 0.5  # tiled models: neighbouring tiles overlap by at least this fraction of a tile
+    tile_overlap: float = 0.25  # tiled models: neighbouring tiles overlap by at least this fraction of a tile
+    # (0.25: each image pixel is scored about 1.8 times; the stitch window fades over the outer quarter)
     max_forward_batch: int = 1024  # masked inputs per forward call, bounds activation memory
 
     def to_dict(self) -> dict:
@@ -149,7 +150,9 @@ class Scorer:
 
     It scores with its own copy of the model, made here (inference_net, channels last): build a new Scorer
     after changing the model's weights. `model` stays the module given.
-    Defaults: bf16 autocast on CUDA and on CPUs with native bf16 (cpu_has_bf16), channels_last everywhere.
+    Defaults: float32 and channels_last everywhere. bf16 autocast (`amp=True`; `ssm score --bf16`) is about 2x
+    faster on CUDA and on CPUs with native bf16 (cpu_has_bf16), but it moves scores: on bottle it moved image
+    AUROC by more than 0.002 (benchmarks/bf16_accuracy.py), so it is an opt-in for bulk scoring only.
     """
 
     def __init__(
@@ -166,8 +169,7 @@ class Scorer:
         self.config = config or ScoringConfig()
         self.calibration = calibration
         self.device = next(model.parameters()).device
-        native_bf16 = self.device.type == "cuda" or (self.device.type == "cpu" and cpu_has_bf16())
-        self.amp = native_bf16 if amp is None else amp  # bf16 autocast where it is native, so faster
+        self.amp = bool(amp)  # None or False: float32; True: bf16 autocast
         # channels_last: oneDNN and cuDNN both run these convolutions faster in NHWC (1.07x in bf16 on CPU)
         self.channels_last = True if channels_last is None else channels_last
         self.net = inference_net(model)

@@ -33,7 +33,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 1e-5
-    lr_milestones: Sequence[float] = (0.3, 0.6, 0.9)  # fractions of the run: epochs 15, 30, 45 of 50
+    lr_steps: Sequence[int] = (15, 30, 45)  # epochs after which lr is multiplied by lr_decay (the paper's)
     lr_decay: float = 0.1
     alpha: float = 1.0  # MSGMS weight
     beta: float = 1.0  # SSIM weight
@@ -46,11 +46,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["lr_milestones"], d["k_values"] = list(self.lr_milestones), list(self.k_values)
+        d["lr_steps"], d["k_values"] = list(self.lr_steps), list(self.k_values)
         return d
 
+    def __post_init__(self) -> None:
+        if any(int(s) != s or s < 1 for s in self.lr_steps):
+            raise ValueError(f"lr_steps must be positive whole epochs, got {list(self.lr_steps)}")
+
     def milestones(self) -> list[int]:
-        return sorted({max(1, round(f * self.epochs)) for f in self.lr_milestones if 0 < f < 1})
+        """The lr steps that fall inside the run (fixed epochs, as in the paper; not scaled to --epochs)."""
+        return sorted({int(s) for s in self.lr_steps if s < self.epochs})
 
 
 def autocast_for(device: torch.device, amp: bool | None):

@@ -17,7 +17,7 @@ import torch
 
 from ssm.masks import complementary_masks, random_keys
 from ssm.model import ModelConfig, SSMUNet, masked_forward
-from ssm.scoring import Scorer, ScoringConfig, cpu_has_bf16, inference_net, normal_cells
+from ssm.scoring import Scorer, ScoringConfig, inference_net, normal_cells
 
 _spec = importlib.util.spec_from_file_location(
     "score_speed", Path(__file__).resolve().parents[1] / "benchmarks" / "score_speed.py"
@@ -163,23 +163,6 @@ def test_bf16_autocast_close_to_plain(model, images, plain):
     assert ((out.image_scores - ref.image_scores).abs() / ref.image_scores.abs()).max() < 0.2
 
 
-@pytest.mark.skipif(cpu_has_bf16(), reason="this CPU has native bf16: the next test covers it")
-def test_no_bf16_by_default_without_native_support(model):
-    assert Scorer(model).amp is False
-
-
-@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
-def test_bf16_by_default_on_cpus_with_native_support(model):
-    assert Scorer(model).amp is True and Scorer(model, amp=False).amp is False
-
-
-@pytest.mark.slow
-def test_compile_matches_plain(model, images, plain):
-    """torch.compile (inductor, which needs a C++ compiler on CPU): float32 results as the plain path."""
-    scorer, ref = plain
-    try:
-        out = _like(scorer, model, compile=True).score(images[:2])
-    except Exception as e:  # no working compiler toolchain: the option cannot run here
-        pytest.skip(f"torch.compile does not work on this machine: {type(e).__name__}: {e}")
-    assert torch.allclose(out.heatmaps, ref.heatmaps[:2], atol=1e-5)
-    assert torch.allclose(out.image_scores, ref.image_scores[:2], rtol=1e-5, atol=1e-6)
+def test_float32_by_default(model):
+    # bf16 moves bottle's AUROC by more than 0.002 (benchmarks/bf16_accuracy.py): an opt-in only
+    assert Scorer(model).amp is False and Scorer(model, amp=True).amp is True

@@ -97,7 +97,7 @@ def killed_run(ray_local, tmp_path_factory):
 
     t0 = time.perf_counter()
     result = train(str(data), str(root / "run"), model_config=MODEL,
-                   cfg=TrainConfig(epochs=6, batch_size=4, lr=2e-3, lr_milestones=()),
+                   cfg=TrainConfig(epochs=6, batch_size=4, lr=2e-3, lr_steps=()),
                    workers=2, cpus_per_worker=1, keep=2, max_failures=2, on_epoch=on_epoch)
     print(f"killed run: {time.perf_counter() - t0:.1f} s")
     return result, rows, killed, root / "run"

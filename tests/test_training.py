@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from ssm.checkpoint import load_checkpoint
@@ -34,8 +35,12 @@ def test_loss_falls_with_training_steps():
 
 
 def test_schedule_follows_the_paper():
+    # fixed epochs, as in the paper and the released code: a 30-epoch run steps once, at epoch 15
     assert TrainConfig(epochs=50).milestones() == [15, 30, 45]
-    assert TrainConfig(epochs=10).milestones() == [3, 6, 9]
+    assert TrainConfig(epochs=30).milestones() == [15]
+    assert TrainConfig(epochs=40, lr_steps=(12, 24, 36)).milestones() == [12, 24, 36]
+    with pytest.raises(ValueError, match="lr_steps"):
+        TrainConfig(lr_steps=(0.3,))
 
 
 def test_split_is_deterministic_and_disjoint():
