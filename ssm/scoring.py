@@ -96,6 +96,9 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return conv
 
 
+TILES_PER_BATCH = 32  # tiled models: tiles scored together (the scoring job's default batch of images)
+
+
 @dataclass
 class ScoringConfig:
     k_values: Sequence[int] = (2, 4, 8)  # cell sizes at 128 px
@@ -275,7 +278,10 @@ class Scorer:
         from .tiling import Stitcher, pad_to, tile_grid
 
         tile = self.model.config.img_size
-        per_batch = max(1, self.config.max_forward_batch // (len(self.config.k_values) * self.config.n_masks))
+        # Tiles per scoring batch: as many as a plain batch holds images (more makes each forward's
+        # activations outgrow the caches), within max_forward_batch masked inputs.
+        per_batch = max(1, min(TILES_PER_BATCH,
+                               self.config.max_forward_batch // (len(self.config.k_values) * self.config.n_masks)))
         padded = [pad_to(img, tile) for img in images]
         jobs = [(i, origin) for i, img in enumerate(images)
                 for origin in tile_grid(tuple(img.shape[-2:]), tile, self.config.tile_overlap)]
