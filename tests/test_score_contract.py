@@ -44,12 +44,13 @@ def _broken_tar(files: dict[str, bytes], after: int) -> bytes:
     return whole[:at] + b"\x07" * 512 + whole[at + 512 :]
 
 
-def _plain_read(out: Path) -> list[tuple[str, str | None, str | None]]:
-    """(path, member, error_kind) of every row a plain Parquet read of the folder sees, Ray's and pyarrow's."""
+def _plain_read(out: Path, with_ray: bool = False) -> list[tuple[str, str | None, str | None]]:
+    """(path, member, error_kind) of every row a plain Parquet read of the folder sees (pyarrow's, and Ray's)."""
     table = pads.dataset(str(out), format="parquet").to_table(columns=["path", "member", "error_kind"])
     keys = sorted(zip(*(table[c].to_pylist() for c in ("path", "member", "error_kind"))), key=str)
-    ray_rows = ray.data.read_parquet(str(out)).select_columns(["path", "member", "error_kind"]).take_all()
-    assert sorted(((r["path"], r["member"], r["error_kind"]) for r in ray_rows), key=str) == keys
+    if with_ray:
+        ray_rows = ray.data.read_parquet(str(out)).select_columns(["path", "member", "error_kind"]).take_all()
+        assert sorted(((r["path"], r["member"], r["error_kind"]) for r in ray_rows), key=str) == keys
     return keys
 
 
@@ -79,6 +80,7 @@ def test_error_kinds_follow_how_each_error_is_produced(tmp_path, checkpoint):
     assert error_kind("x.png: scoring gave a non-finite score (nan)") == "permanent"
 
 
+@pytest.mark.slow
 def test_rerun_retries_transient_errors_and_converges(tmp_path, checkpoint, ray_local):
     images = _write(tmp_path / "images", _good_images(3, seed=22))
     shard = _good_images(4, seed=23)
@@ -105,12 +107,12 @@ def test_rerun_retries_transient_errors_and_converges(tmp_path, checkpoint, ray_
     assert not (out / LOCK_NAME).exists()
 
     # A crash after the new rows were written but before the old ones were removed leaves both: the next
-    # run, with nothing left to score, removes the old ones.
+    # run removes the old ones (and re-reads the archive whose old error row came back: it reads cleanly).
     for name, data in files_before.items():
         (out / name).write_bytes(data)
     assert len(_plain_read(out)) > len(expected)
     third = score(inputs, checkpoint, str(out), batch_size=4, progress=False)
-    assert (third.scored, third.errors, third.retried) == (0, 0, 0) and third.superseded >= 1
+    assert (third.scored, third.errors, third.retried) == (0, 0, 1) and third.superseded >= 1
     assert _plain_read(out) == expected
 
     # A permanent error is kept until asked for: --retry-errors scores the replaced file.
@@ -118,7 +120,7 @@ def test_rerun_retries_transient_errors_and_converges(tmp_path, checkpoint, ray_
     assert score(inputs, checkpoint, str(out), batch_size=4, progress=False).scored == 0
     result = CliRunner().invoke(app, ["score", *inputs, "--checkpoint", checkpoint, "--out", str(out), "--retry-errors"])
     assert result.exit_code == 0 and "scored 1 images, 0 errors" in result.output, result.output
-    assert _plain_read(out) == sorted([(p, m, None) for p, m, _ in expected], key=str)
+    assert _plain_read(out, with_ray=True) == sorted([(p, m, None) for p, m, _ in expected], key=str)
     rows, _, _ = _rows(str(out))  # the job's files: same schema and metadata throughout
     assert len(rows) == len(expected)
 
