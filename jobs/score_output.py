@@ -167,8 +167,8 @@ def read_output(out: str) -> OutputState:
     fs.invalidate_cache()  # files written since the last listing (by pyarrow, or by another run)
     if not fs.exists(root):
         return state
-    for p in sorted(fs.ls(root, detail=False)):
-        base = posixpath.basename(p.rstrip("/"))
+    for p in sorted(info["name"] for info in fs.ls(root, detail=True) if info["type"] == "file"):
+        base = posixpath.basename(p)
         if _TMP.fullmatch(base):
             fs.rm(p)
             continue
@@ -278,9 +278,12 @@ class OutputLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _busy(self, owner: str) -> DataError:
+    def _busy(self, owner: str, age: float | None = None) -> DataError:
+        stale = "" if age is None else (
+            f" (its lock was renewed {age:.0f} s ago; one not renewed for {LOCK_STALE_S:.0f} s is a crashed run's "
+            f"and is taken over)")
         return DataError(
-            f"{self.out} is being written by another ssm score run ({owner.strip() or 'owner unknown'}); "
+            f"{self.out} is being written by another ssm score run ({owner.strip() or 'owner unknown'}){stale}; "
             f"wait for it to finish, or choose another --out."
         )
 
@@ -330,7 +333,7 @@ class OutputLock:
                 return self._acquire_remote(fs, path)
             age = time.time() - head["LastModified"].timestamp()
             if age < LOCK_STALE_S:
-                raise self._busy(owner) from None
+                raise self._busy(owner, age) from None
             try:
                 self._etag = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self.owner.encode(),
                                         IfMatch=head["ETag"])["ETag"]
