@@ -30,7 +30,6 @@ from jobs.score import decode_sources, score
 from jobs.score_output import LOCK_NAME, OutputLock, error_kind
 from ssm.checkpoint import load_checkpoint
 from ssm.data import DataError
-from ssm.model import ModelConfig
 from test_score_job import _bad_files, _good_images, _rows, _tar, _write, checkpoint  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
