@@ -289,7 +289,9 @@ class OutputLock:
 
     def __enter__(self) -> OutputLock:
         fs, root = _check_folder(self.out)
-        if storage.is_remote(self.out):
+        if storage.is_remote(self.out) and not hasattr(fs, "call_s3"):  # gs://, az://...: no conditional puts here
+            log.warning("%s is not local or s3://: no lock; make sure no other run writes there", self.out)
+        elif storage.is_remote(self.out):
             self._acquire_remote(fs, f"{root}/{LOCK_NAME}")
         else:
             self._acquire_local(os.path.join(root, LOCK_NAME))
