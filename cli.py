@@ -206,17 +206,22 @@ def score(
         ..., help="Images to score: folders (recursive), globs, s3:// prefixes, tar shards (local or s3://), "
         "or .txt/.lst manifests with one path or URI per line."),
     checkpoint: str = typer.Option(..., "--checkpoint", help="A checkpoint or training run directory (local or s3://)."),
-    out: str = typer.Option(..., "--out", help="Folder or s3:// prefix for the Parquet output; rerun to resume."),
+    out: str = typer.Option(..., "--out", help="Folder or s3:// prefix for the Parquet output; rerun to resume "
+                            "(scores what is missing, retries transient errors). One run per --out at a time."),
     workers: int = typer.Option(1, "--workers", help="Scoring actors, each holding one copy of the model."),
     gpus_per_worker: Optional[float] = typer.Option(
         None, "--gpus-per-worker", help="GPUs per scoring actor (default: 1 when the cluster has GPUs, else 0)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per scoring batch."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: start one here)."),
     threshold: Optional[float] = typer.Option(
-        None, "--threshold", help="Decision threshold on the image score (default: the checkpoint's calibrated one)."),
+        None, "--threshold", help="Decision threshold on the image score, a finite number (default: the "
+        "checkpoint's calibrated one)."),
     bf16: bool = typer.Option(
         False, "--bf16", help="Score under bf16 autocast: about 2x faster on GPUs and CPUs with native bf16, "
         "but scores move slightly (float32 by default)."),
+    retry_errors: bool = typer.Option(
+        False, "--retry-errors", help="Also score again the images whose row has a permanent error (corrupt, not "
+        "an image...), e.g. after replacing them; transient errors (unreadable, missing) are always retried."),
 ):
     """Score every image in INPUTS on Ray and write one Parquet row per image (score, anomaly flag, heatmap)."""
     from jobs.score import score as score_job
@@ -225,7 +230,8 @@ def score(
 
     try:
         summary = score_job(inputs, checkpoint, out, workers=workers, gpus_per_worker=gpus_per_worker,
-                            batch_size=batch_size, threshold=threshold, address=address, bf16=bf16)
+                            batch_size=batch_size, threshold=threshold, address=address, bf16=bf16,
+                            retry_errors=retry_errors)
     except (DataError, CheckpointError, ValueError) as e:
         _fail(str(e))
     typer.echo(summary.describe())

@@ -6,17 +6,19 @@ The job is one chain, in the order the data flows:
            --decode_sources (CPU tasks)--> pixels as the model takes them (img_size square, or the image at
                                            its scaled size for a tiled model), or the row's error
            --ScoreBatches (actor pool; each actor loads the checkpoint once)--> scores, heatmap PNGs
-           --ParquetSink--> OUT/part-<run>-<rows digest>.parquet
+           --ParquetSink--> OUT/part-<run>-<rows digest>.parquet      (jobs/score_output.py: what OUT
+                                                                       holds, reruns, the one-job lock)
 
 Inputs can be local folders (searched recursively), globs, s3:// prefixes, tar archives (local or s3://,
 the WebDataset convention) and .txt/.lst manifests with one path or URI per line. Folders, prefixes and
 globs keep files with an image extension (ssm.data.IMAGE_EXTENSIONS) or a tar extension.
 
 Every input image ends up in exactly one row: scored, or with `error` saying why not (corrupt, truncated,
-empty, not an image, too many pixels, unreadable, a corrupt tar). Rerunning the same command resumes: the
-keys (path, member) already in OUT are skipped, unreadable files there are set aside, and new files get
-new names. Retried tasks rewrite the same file name (it is a digest of the rows' keys), so a write that
-is repeated after a crash replaces itself instead of doubling its rows.
+empty, not an image, too many pixels, unreadable, a corrupt tar) and `error_kind` (transient or permanent).
+Rerunning the same command resumes: keys (path, member) already in OUT are skipped, missing ones are
+scored, transient errors are retried and their old rows removed (the contract: jobs/score_output.py).
+Retried tasks rewrite the same file name (it is a digest of the rows' keys), so a write that is repeated
+after a crash replaces itself instead of doubling its rows. One job per OUT: a second is refused.
 
 Example (the CLI: ssm score INPUT... --checkpoint CKPT --out OUT):
 
@@ -31,22 +33,19 @@ Each file's schema metadata holds b"ssm": {"threshold", "heatmap_vmin", "heatmap
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
 import json
 import logging
+import math
 import os
 import posixpath
 import tarfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import torch
 from PIL import Image
@@ -54,6 +53,19 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from jobs import storage
+from jobs.score_output import (
+    METADATA_KEY,
+    SCHEMA,
+    OutputLock,
+    check_same_run,
+    error_kind,
+    new_run_id,
+    part_name,
+    read_output,
+    summarize,
+    supersede,
+    write_part,
+)
 from ssm.calibration import heatmap_to_uint8
 from ssm.checkpoint import CheckpointError, load_checkpoint
 from ssm.data import IMAGE_EXTENSIONS, DataError, decode_for
@@ -62,21 +74,6 @@ log = logging.getLogger(__name__)
 
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 MANIFEST_EXTENSIONS = (".txt", ".lst")
-METADATA_KEY = b"ssm"
-SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),  # the image file, or the tar archive holding it
-        ("member", pa.string()),  # the member name inside the tar; null for plain files
-        ("image_score", pa.float64()),  # null when the row has an error
-        ("is_anomaly", pa.bool_()),
-        ("heatmap_png", pa.binary()),  # 8-bit grayscale PNG at the scored resolution, calibrated fixed scale
-        ("width", pa.int32()),  # original size of the image; null when it could not be read
-        ("height", pa.int32()),
-        ("checkpoint", pa.string()),
-        ("error", pa.string()),  # null when scored
-    ]
-)
-
 _FILES_PER_UNIT = 32  # image files per decode task; each tar shard gets a task of its own
 # Memory reserved per decode task: the worker holds torch (ssm imports it) and a unit's decoded images,
 # about 400 MB measured. Declaring it also keeps Ray from fusing decoding into the scoring actors, which
@@ -202,59 +199,7 @@ def list_sources(inputs: Sequence[str]) -> list[Source]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Resuming: what OUT already holds
-
-
-def read_done(out: str) -> tuple[set[tuple[str, str]], dict | None]:
-    """Keys (path, member or "") of the rows already in `out`, and the b"ssm" metadata of its files.
-
-    A .parquet file that cannot be read (a write torn by a crash) is renamed to <name>.unreadable, so
-    nothing reads it and its images are scored again; temporary files of interrupted writes are removed.
-    """
-    fs, root = storage.fsspec_for(out)
-    if not fs.exists(root):
-        return set(), None
-    if not fs.isdir(root):
-        raise DataError(f"--out {out} is a file; give a folder or an s3:// prefix for the Parquet files.")
-    done: set[tuple[str, str]] = set()
-    meta = None
-    for p in sorted(fs.find(root)):
-        base = posixpath.basename(p)
-        if base.startswith(".") and base.endswith(".tmp"):
-            fs.rm(p)
-            continue
-        if not base.endswith(".parquet") or base.startswith(("_", ".")):
-            continue
-        try:
-            with fs.open(p, "rb") as f:
-                pf = pq.ParquetFile(f)
-                file_meta = (pf.schema_arrow.metadata or {}).get(METADATA_KEY)
-                keys = pf.read(columns=["path", "member"])
-        except Exception as e:
-            log.warning("setting aside unreadable output file %s (%s: %s); its images are scored again",
-                        p, type(e).__name__, e)
-            fs.mv(p, p + ".unreadable")
-            continue
-        if meta is None and file_meta:
-            meta = json.loads(file_meta)
-        members = keys["member"].to_pylist()
-        done.update(zip(keys["path"].to_pylist(), (m or "" for m in members)))
-    return done, meta
-
-
-def _check_same_run(out: str, old: dict | None, new: dict) -> None:
-    if old is None:
-        return
-    if old.get("checkpoint") != new["checkpoint"] or old.get("threshold") != new["threshold"]:
-        raise DataError(
-            f"{out} already holds scores from checkpoint {old.get('checkpoint')} with threshold "
-            f"{old.get('threshold')}; resume with the same --checkpoint and --threshold, or choose a new --out."
-        )
-    if old.get("precision", "float32") != new["precision"]:
-        raise DataError(
-            f"{out} already holds scores computed in {old.get('precision', 'float32')}; resume "
-            f"{'with' if old.get('precision') == 'bf16' else 'without'} --bf16, or choose a new --out."
-        )
+# Resuming: what is left to score (what OUT holds: jobs/score_output.py)
 
 
 def _plan_units(sources: Sequence[Source], done: set[tuple[str, str]]) -> tuple[list[dict], int]:
@@ -508,6 +453,7 @@ class ScoreBatches:
                 "height": pa.array(height, pa.int32(), mask=height < 0),
                 "checkpoint": pa.array([self.checkpoint_id] * n, pa.string()),
                 "error": pa.array(errors, pa.string()),
+                "error_kind": pa.array([error_kind(e) for e in errors], pa.string()),
             },
             schema=SCHEMA,
         )
@@ -557,25 +503,9 @@ class ParquetSink(Datasink):
         if not tables:
             return {"file": None, "rows": 0, "scored": 0, "errors": 0, "anomalies": 0}
         table = pa.concat_tables(tables).replace_schema_metadata(self.metadata)
-        keys = hashlib.sha256()
-        for path, member in zip(table["path"].to_pylist(), table["member"].to_pylist()):
-            keys.update(f"{path}\0{member or ''}\n".encode())
-        name = f"part-{self.run_id}-{keys.hexdigest()[:16]}.parquet"
-        fs, root = storage.filesystem_for(self.out)
-        if fs is None:
-            tmp = os.path.join(root, f".{name}.tmp")
-            pq.write_table(table, tmp, row_group_size=512)
-            os.replace(tmp, os.path.join(root, name))
-        else:
-            pq.write_table(table, f"{root}/{name}", filesystem=fs, row_group_size=512)
-        scored = table["error"].null_count
-        return {
-            "file": name,
-            "rows": table.num_rows,
-            "scored": scored,
-            "errors": table.num_rows - scored,
-            "anomalies": int(pc.sum(table["is_anomaly"]).as_py() or 0),
-        }
+        name = part_name(self.run_id, table["path"].to_pylist(), table["member"].to_pylist())
+        write_part(self.out, name, table)
+        return {"file": name, **summarize(table)}
 
     def on_write_complete(self, write_result) -> None:
         self.results = [r for r in write_result.write_returns if r and r["rows"]]
@@ -590,6 +520,8 @@ class ScoreSummary:
     out: str
     inputs: int  # sources listed: image files and tar shards
     skipped: int  # images already in `out` from an earlier run
+    retried: int = 0  # of those not skipped: rows with an error that may be transient, scored again
+    superseded: int = 0  # files rewritten or removed to leave one row per image
     scored: int = 0
     errors: int = 0
     anomalies: int = 0
@@ -604,6 +536,8 @@ class ScoreSummary:
         if self.scored + self.errors == 0:
             return f"nothing left to score: all {self.skipped} images are already in {self.out}"
         resumed = f" ({self.skipped} already in the output)" if self.skipped else ""
+        if self.retried:
+            resumed += f" ({self.retried} earlier errors retried)"
         return (
             f"scored {self.scored} images, {self.errors} errors, {self.anomalies} anomalies{resumed}; "
             f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s\n"
@@ -645,6 +579,7 @@ def score(
     progress: bool = True,
     runtime_env: dict | None = None,
     bf16: bool = False,
+    retry_errors: bool = False,
 ) -> ScoreSummary:
     """Score every image under `inputs` with `checkpoint` and write the rows to `out` (folder or s3://).
 
@@ -652,6 +587,7 @@ def score(
     the end). bf16: score under bf16 autocast (faster where bf16 is native; scores move slightly, so the
     output records it and a resume must use the same precision). gpus_per_worker defaults to 1 when the cluster has GPUs, else 0; cpus_per_worker defaults to
     1 with GPUs, else the cluster's CPUs less one, shared among the workers (also their torch threads).
+    retry_errors: also retry rows with a permanent error (transient ones are always retried).
     Raises DataError (inputs, output) or CheckpointError with a message meant for the user.
     """
     if workers < 1 or batch_size < 1:
@@ -668,6 +604,8 @@ def score(
         )
     cal = ckpt.calibration
     threshold = float(cal.threshold if threshold is None else threshold)
+    if not math.isfinite(threshold):
+        raise ValueError(f"--threshold must be a finite number, got {threshold}.")
     metadata = {
         "threshold": threshold,
         "heatmap_vmin": cal.heatmap_vmin,
@@ -680,13 +618,31 @@ def score(
         "checkpoint": ckpt.id,
     }
     sources = list_sources(inputs)
-    done, old_metadata = read_done(out)
-    _check_same_run(out, old_metadata, metadata)
-    units, skipped = _plan_units(sources, done)
-    summary = ScoreSummary(out=out, inputs=len(sources), skipped=skipped)
-    if not units:
-        return summary
+    with OutputLock(out) as lock:
+        state = read_output(out)
+        check_same_run(out, state, metadata)
+        listed = {s.uri for s in sources}  # rows of inputs not given this time are left as they are
+        retry = {key for key in state.to_retry(retry_errors) if key[0] in listed}
+        latest = state.latest()
+        units, skipped = _plan_units(sources, set(latest) - retry)
+        summary = ScoreSummary(out=out, inputs=len(sources), skipped=skipped, retried=len(retry))
+        run = new_run_id()
+        if units:
+            sink = ParquetSink(out, metadata, run, rows_per_file)
+            _score_units(units, sink, summary, ckpt, checkpoint, threshold, workers=workers,
+                         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
+                         address=address, progress=progress, runtime_env=runtime_env, bf16=bf16)
+        lock.check()
+        if units or sum(len(p.keys) for p in state.parts) > len(latest):  # new rows, or duplicates left by a crash
+            summary.superseded = supersede(out, run, retry)
+    return summary
 
+
+def _score_units(units: list[dict], sink: ParquetSink, summary: ScoreSummary, ckpt, checkpoint: str,
+                 threshold: float, *, workers: int, gpus_per_worker: float | None, cpus_per_worker: float | None,
+                 batch_size: int, address: str | None, progress: bool, runtime_env: dict | None,
+                 bf16: bool) -> None:
+    """The Ray Data chain over `units`, written through `sink`; counts go into `summary`."""
     started = init_ray(address)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = progress
@@ -694,7 +650,6 @@ def score(
         gpus = (1.0 if cluster.get("GPU", 0) > 0 else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
         if cpus_per_worker is None:
             cpus_per_worker = 1.0 if gpus > 0 else max(1.0, (cluster.get("CPU", 2) - 1) // workers)
-        sink = ParquetSink(out, metadata, f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}", rows_per_file)
         t0 = time.perf_counter()
         ds = ray.data.from_items(units, override_num_blocks=len(units))
         ds = ds.map_batches(
@@ -731,4 +686,3 @@ def score(
         summary.errors += r["errors"]
         summary.anomalies += r["anomalies"]
         summary.files.append(r["file"])
-    return summary

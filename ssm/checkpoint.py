@@ -40,7 +40,7 @@ class Checkpoint:
     state_dict: dict
     meta: dict = field(default_factory=dict)
     path: str = ""
-    id: str = ""  # short content hash of the weights: names the checkpoint in every output row
+    id: str = ""  # short hash of everything that sets a score (score_digest): names it in every output row
 
     def build_model(self, device: str | torch.device = "cpu") -> SSMUNet:
         model = SSMUNet(self.model_config)
@@ -80,6 +80,14 @@ def save_checkpoint(
     return path
 
 
+def score_digest(weights: bytes, doc: dict) -> str:
+    """12 hex digits naming what decides a score: the weights and the model, scoring and calibration
+    sections of ssm.json (not `meta`). Any change to them gives a new id, so a scoring output never mixes
+    two rules; a change in how ssm.json merely spells the same values (key order aside) does too."""
+    rules = json.dumps({k: doc.get(k) for k in ("model", "scoring", "calibration")}, sort_keys=True)
+    return hashlib.sha256(weights + b"\0" + rules.encode()).hexdigest()[:12]
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory, or a training run's output directory (its best checkpoint)."""
     p = Path(path)
@@ -109,7 +117,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     weights = p / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"checkpoint {p} has no {WEIGHTS}")
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    digest = score_digest(weights.read_bytes(), doc)
     try:
         state = torch.load(weights, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated or foreign file

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -108,8 +109,10 @@ def _tar(files: dict[str, bytes], extra: dict[str, bytes] | None = None) -> byte
 
 
 def _rows(out: str):
+    """The job's own files in `out` (top level, its naming scheme), their rows by key, and their metadata."""
     fs, root = storage.fsspec_for(out)
-    files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    fs.invalidate_cache()
+    files = sorted(p for p in fs.ls(root, detail=False) if re.fullmatch(r"part-[0-9a-f-]+\.parquet", p.rsplit("/", 1)[-1]))
     tables = []
     for p in files:
         with fs.open(p, "rb") as f:
@@ -191,8 +194,9 @@ def test_folder_with_bad_files_via_cli(tmp_path, checkpoint, ray_local):
         assert row["checkpoint"] == meta["checkpoint"] == load_checkpoint(checkpoint).id
         if name in bad:
             assert row["image_score"] is None and row["heatmap_png"] is None and row["is_anomaly"] is None
-            assert path in row["error"]
+            assert path in row["error"] and row["error_kind"] == "permanent"  # bytes a rerun would not change
         else:
+            assert row["error_kind"] is None
             w, h = Image.open(path).size
             assert (row["width"], row["height"]) == (w, h)
     assert "0 bytes" in rows[(str(data / "nested" / "empty.png"), None)]["error"]
@@ -247,6 +251,8 @@ def test_tar_shards_manifest_and_s3_in_and_out(tmp_path, checkpoint, s3_server, 
     assert set(rows) == expected_keys
     assert "001.tar" in rows[(f"s3://{bucket}/shards/001.tar", None)]["error"]
     assert "corrupt tar archive" in rows[(str(broken), None)]["error"]
+    assert {rows[(f"s3://{bucket}/shards/001.tar", None)]["error_kind"], rows[(str(broken), None)]["error_kind"]} \
+        == {"transient"}  # an archive can be re-created
     assert all(f.startswith(f"{bucket}/scores/") for f in files)
     sources = {(f"s3://{bucket}/shards/000.tar", n): d for n, d in shard.items()}
     sources.update({(f"s3://{bucket}/images/{n}", None): d for n, d in loose.items()})
@@ -257,6 +263,18 @@ def test_tar_shards_manifest_and_s3_in_and_out(tmp_path, checkpoint, s3_server, 
 
     counts = write_report(out, str(tmp_path / "report.html"), top=3)
     assert (counts["images"], counts["errors"], counts["threshold"]) == (len(expected_keys), 2, meta["threshold"])
+    assert not any(k.endswith(".ssm-score.lock") for k in s3_server.list_keys(bucket))  # released
+
+    # The bad shard is re-created on S3: the rerun retries its error row and replaces it with its members.
+    fixed = _good_images(3, seed=11)
+    s3.put_object(Bucket=bucket, Key="shards/001.tar", Body=_tar(fixed))
+    again = score([f"s3://{bucket}/shards/*.tar"], f"s3://{bucket}/runs/tiny", out, batch_size=4, progress=False)
+    assert (again.scored, again.errors, again.retried, again.skipped) == (3, 0, 1, 5)
+    rows, _, _ = _rows(out)
+    expected_keys = expected_keys - {(f"s3://{bucket}/shards/001.tar", None)} \
+        | {(f"s3://{bucket}/shards/001.tar", n) for n in fixed}
+    assert set(rows) == expected_keys
+    assert rows[(str(broken), None)]["error_kind"] == "transient"  # not among this run's inputs: kept as it was
 
 
 def test_scoring_actor_killed_mid_run_loses_and_doubles_nothing(tmp_path, checkpoint, ray_local):
@@ -301,16 +319,17 @@ def test_driver_killed_then_rerun_completes_without_duplicates(tmp_path, checkpo
     time.sleep(3)  # Ray kills the dead driver's workers; let any straggler finish dying
     first, _, first_files = _rows(str(out))
     assert 0 < len(first) < len(expected)
-    # Leftovers of a crash: a torn Parquet file and a temporary file.
-    (out / "part-torn.parquet").write_bytes(b"PAR1 torn")
-    (out / ".part-x.parquet.tmp").write_bytes(b"partial")
+    # Leftovers of a crash: a torn file of the job's and a temporary file of its local writes.
+    torn = "part-20000101000000-000000-0123456789abcdef.parquet"
+    (out / torn).write_bytes(b"PAR1 torn")
+    (out / f".{torn}.tmp").write_bytes(b"partial")
 
     summary = score(inputs, checkpoint, str(out), batch_size=4, progress=False)
     rows, _, files = _rows(str(out))
     assert set(rows) == expected
     assert summary.skipped == len(first) and summary.scored == len(expected) - len(first)
     assert set(first_files) <= set(files)  # nothing written before was rewritten
-    assert (out / "part-torn.parquet.unreadable").exists() and not (out / ".part-x.parquet.tmp").exists()
+    assert (out / f".{torn}.unreadable").read_bytes() == b"PAR1 torn" and not (out / f".{torn}.tmp").exists()
 
     again = score(inputs, checkpoint, str(out), batch_size=4, progress=False)  # nothing left to do
     assert (again.scored, again.errors, again.skipped) == (0, 0, len(expected))

@@ -1,0 +1,380 @@
+"""The scoring job's output folder: which files are the job's, what a rerun does, one job at a time.
+
+The contract (README, "Parquet output of ssm score"):
+
+* A key is (path, member): the image file, or the tar archive and the member inside it (member null for
+  plain files; a tar's archive-level error row has a null member too).
+* The job's files are the files directly in OUT named part-<run>-<digest>.parquet whose Parquet schema
+  metadata holds b"ssm". Nothing else under OUT is read as output, renamed or removed: other files and
+  sub-folders are left byte-identical. The job also writes, and removes, .ssm-score.lock (one job per OUT)
+  and .part-*.parquet.tmp (a local write in progress); a part file that cannot be parsed (torn by an
+  outside copy) is renamed .<name>.unreadable and its images are scored again.
+* A rerun scores the keys that are missing and retries the keys whose row holds a transient error
+  (error_kind "transient": a file missing or unreadable, a storage error, a tar archive that could not be
+  read to its end, a scoring failure). When it has written the new rows, every older row of a key it
+  retried, or of a key that appears more than once, is removed by rewriting that file: the new file is
+  written first, then the old one removed, so a crash leaves at worst a duplicate that the next run
+  removes, never a missing row. Afterwards a plain Parquet read of OUT sees exactly one row per key.
+  Permanent errors (not an image, corrupt, truncated, too large) stay; --retry-errors retries them too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs import storage
+from ssm.data import DataError
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = b"ssm"
+TRANSIENT, PERMANENT = "transient", "permanent"
+SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),  # the image file, or the tar archive holding it
+        ("member", pa.string()),  # the member name inside the tar; null for plain files
+        ("image_score", pa.float64()),  # null when the row has an error
+        ("is_anomaly", pa.bool_()),
+        ("heatmap_png", pa.binary()),  # 8-bit grayscale PNG at the scored resolution, calibrated fixed scale
+        ("width", pa.int32()),  # original size of the image; null when it could not be read
+        ("height", pa.int32()),
+        ("checkpoint", pa.string()),
+        ("error", pa.string()),  # null when scored
+        ("error_kind", pa.string()),  # "transient" (a rerun retries it), "permanent", null when scored
+    ]
+)
+_PART = re.compile(r"part-(\d{14}-[0-9a-f]{6})-[0-9a-f]{16}\.parquet")  # group 1: the run, sortable by time
+_TMP = re.compile(r"\.(part-\d{14}-[0-9a-f]{6}-[0-9a-f]{16}\.parquet)\.tmp")
+LOCK_NAME = ".ssm-score.lock"
+# s3:// lock: the holder rewrites the lock object this often; a lock not rewritten for LOCK_STALE_S
+# (by the storage's clock) belongs to a run that died and is taken over.
+LOCK_HEARTBEAT_S = 20.0
+LOCK_STALE_S = 120.0
+
+# The error messages jobs/score.py writes whose cause may go away on its own (storage, I/O, a file not
+# there yet, an archive being re-created, the scorer running out of memory). Every other error is about
+# the image's bytes and is permanent.
+_TRANSIENT_ERRORS = re.compile(
+    r"cannot be read \(|cannot read the tar archive|corrupt tar archive|the archive is truncated|scoring failed \("
+)
+
+Key = tuple[str, str]  # (path, member or "")
+
+
+def error_kind(error: str | None) -> str | None:
+    """"transient", "permanent" or None (no error) for an error message written by the job."""
+    if not error:
+        return None
+    return TRANSIENT if _TRANSIENT_ERRORS.search(error) else PERMANENT
+
+
+def new_run_id() -> str:
+    """Names one run's files; sorts in start order (microseconds after the second, in decimal)."""
+    now = time.time()
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime(now)) + f"-{int(now % 1 * 1e6):06d}"
+
+
+def part_name(run: str, paths: Iterable[str], members: Iterable[str | None]) -> str:
+    """part-<run>-<digest of the rows' keys>.parquet: a retried write of the same rows replaces itself."""
+    keys = hashlib.sha256()
+    for path, member in zip(paths, members):
+        keys.update(f"{path}\0{member or ''}\n".encode())
+    return f"part-{run}-{keys.hexdigest()[:16]}.parquet"
+
+
+def write_part(out: str, name: str, table: pa.Table) -> None:
+    """Local files appear atomically (temporary name, then rename); S3 objects appear whole on completion."""
+    fs, root = storage.filesystem_for(out)
+    if fs is None:
+        os.makedirs(root, exist_ok=True)
+        tmp = os.path.join(root, f".{name}.tmp")
+        pq.write_table(table, tmp, row_group_size=512)
+        os.replace(tmp, os.path.join(root, name))
+    else:
+        pq.write_table(table, f"{root}/{name}", filesystem=fs, row_group_size=512)
+
+
+def with_error_kind(table: pa.Table) -> pa.Table:
+    """Files written before error_kind existed get it from their error messages."""
+    if "error_kind" in table.column_names:
+        return table
+    kinds = pa.array([error_kind(e) for e in table["error"].to_pylist()], pa.string())
+    return table.append_column("error_kind", kinds)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What OUT holds
+
+
+@dataclass
+class Part:
+    name: str
+    run: str
+    keys: list[Key]
+    kinds: list[str | None]  # error_kind of each row
+
+
+@dataclass
+class OutputState:
+    parts: list[Part] = field(default_factory=list)  # the job's files, oldest run first
+    metadata: list[dict] = field(default_factory=list)  # the distinct b"ssm" metadata among them
+
+    def latest(self) -> dict[Key, tuple[Part, str | None]]:
+        """Each key's row that counts: the one in the newest file (name order within a run)."""
+        rows: dict[Key, tuple[Part, str | None]] = {}
+        for part in self.parts:
+            for key, kind in zip(part.keys, part.kinds):
+                rows[key] = (part, kind)
+        return rows
+
+    def to_retry(self, retry_errors: bool = False) -> set[Key]:
+        """Keys whose latest row is an error a rerun should try again."""
+        return {k for k, (_, kind) in self.latest().items() if kind == TRANSIENT or (kind and retry_errors)}
+
+
+def _check_folder(out: str):
+    fs, root = storage.fsspec_for(out)
+    if fs.exists(root) and not fs.isdir(root):
+        raise DataError(f"--out {out} is a file; give a folder or an s3:// prefix for the Parquet files.")
+    return fs, root.rstrip("/")
+
+
+def read_output(out: str) -> OutputState:
+    """The job's files in `out` (see the module docstring) with their keys and error kinds.
+
+    Removes its own temporary files and sets aside its own files that cannot be parsed; leaves every
+    other file alone (a file with the job's name but no b"ssm" metadata is not the job's: logged, ignored).
+    """
+    fs, root = _check_folder(out)
+    state = OutputState()
+    fs.invalidate_cache()  # files written since the last listing (by pyarrow, or by another run)
+    if not fs.exists(root):
+        return state
+    for p in sorted(info["name"] for info in fs.ls(root, detail=True) if info["type"] == "file"):
+        base = posixpath.basename(p)
+        if _TMP.fullmatch(base):
+            fs.rm(p)
+            continue
+        match = _PART.fullmatch(base)
+        if not match:
+            continue
+        try:
+            with fs.open(p, "rb") as f:
+                pf = pq.ParquetFile(f)
+                meta = (pf.schema_arrow.metadata or {}).get(METADATA_KEY)
+                names = pf.schema_arrow.names
+                columns = [c for c in ("path", "member", "error", "error_kind") if c in names]
+                table = pf.read(columns=columns) if meta and {"path", "member", "error"} <= set(names) else None
+        except Exception as e:
+            log.warning("setting aside unreadable output file %s (%s: %s); its images are scored again",
+                        p, type(e).__name__, e)
+            fs.mv(p, posixpath.join(posixpath.dirname(p), f".{base}.unreadable"))
+            continue
+        if table is None:
+            log.warning("ignoring %s: named like a scoring output file but it has no ssm metadata or no "
+                        "path/member/error columns", p)
+            continue
+        table = with_error_kind(table)
+        keys = list(zip(table["path"].to_pylist(), (m or "" for m in table["member"].to_pylist())))
+        state.parts.append(Part(base, match.group(1), keys, table["error_kind"].to_pylist()))
+        meta = json.loads(meta)
+        if meta not in state.metadata:
+            state.metadata.append(meta)
+    state.parts.sort(key=lambda part: (part.run, part.name))
+    return state
+
+
+def check_same_run(out: str, state: OutputState, new: dict) -> None:
+    """Refuse to add rows scored under other rules to an output (checkpoint id, threshold, precision)."""
+    for old in state.metadata:
+        if old.get("checkpoint") != new["checkpoint"] or old.get("threshold") != new["threshold"]:
+            raise DataError(
+                f"{out} already holds scores from checkpoint {old.get('checkpoint')} with threshold "
+                f"{old.get('threshold')}, not {new['checkpoint']} with {new['threshold']} (the id covers the "
+                f"weights, model, scoring and calibration); resume with the same --checkpoint and --threshold, "
+                f"or choose a new --out."
+            )
+        if old.get("precision", "float32") != new["precision"]:
+            raise DataError(
+                f"{out} already holds scores computed in {old.get('precision', 'float32')}; resume "
+                f"{'with' if old.get('precision') == 'bf16' else 'without'} --bf16, or choose a new --out."
+            )
+
+
+def supersede(out: str, run: str, retried: set[Key]) -> int:
+    """Leave one row per key: drop every row that is not its key's latest, and the rows of `retried` keys
+    that this run (`run`) did not write. Each file concerned is rewritten without those rows, under a name
+    of the same run, before the old one is removed. Returns the number of files rewritten or removed."""
+    state = read_output(out)
+    latest = state.latest()
+    fs, root = _check_folder(out)
+    changed = 0
+    for part in state.parts:
+        drop = {k for k in part.keys if latest[k][0] is not part or (k in retried and part.run != run)}
+        if not drop:
+            continue
+        with fs.open(f"{root}/{part.name}", "rb") as f:
+            pf = pq.ParquetFile(f)
+            metadata = pf.schema_arrow.metadata
+            table = with_error_kind(pf.read())
+        keep = pa.array([k not in drop for k in zip(table["path"].to_pylist(),
+                                                   (m or "" for m in table["member"].to_pylist()))])
+        table = table.filter(keep)
+        if table.num_rows:
+            table = table.select(SCHEMA.names).cast(SCHEMA).replace_schema_metadata(metadata)
+            name = part_name(part.run, table["path"].to_pylist(), table["member"].to_pylist())
+            write_part(out, name, table)
+        fs.rm(f"{root}/{part.name}")
+        changed += 1
+    return changed
+
+
+def summarize(table: pa.Table) -> dict:
+    scored = table["error"].null_count
+    return {"rows": table.num_rows, "scored": scored, "errors": table.num_rows - scored,
+            "anomalies": int(pc.sum(table["is_anomaly"]).as_py() or 0)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One job per OUT
+
+
+class OutputLock:
+    """Held while a job reads and writes `out`; a second job on the same `out` is refused.
+
+    Local folders: an flock on OUT/.ssm-score.lock, released by the kernel when the process ends however
+    it ends (so a crashed run never blocks the next; on NFS this relies on the server's lock support).
+    s3://: the object OUT/.ssm-score.lock, created only if absent (a conditional put), rewritten every
+    LOCK_HEARTBEAT_S by its holder and taken over when it has not been rewritten for LOCK_STALE_S (a run
+    that died); every rewrite, take-over and the final delete is conditional on the object being the one
+    this run wrote, so two runs never both hold it. Needs a store with conditional writes (AWS S3, MinIO,
+    moto); a holder whose storage clock gap or pause exceeds LOCK_STALE_S loses the lock and is told so.
+    """
+
+    def __init__(self, out: str):
+        self.out = out
+        self.owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex,
+                                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+        self.lost = False
+        self._fd: int | None = None
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _busy(self, owner: str, age: float | None = None) -> DataError:
+        stale = "" if age is None else (
+            f" (its lock was renewed {age:.0f} s ago; one not renewed for {LOCK_STALE_S:.0f} s is a crashed run's "
+            f"and is taken over)")
+        return DataError(
+            f"{self.out} is being written by another ssm score run ({owner.strip() or 'owner unknown'}){stale}; "
+            f"wait for it to finish, or choose another --out."
+        )
+
+    def __enter__(self) -> OutputLock:
+        fs, root = _check_folder(self.out)
+        if storage.is_remote(self.out) and not hasattr(fs, "call_s3"):  # gs://, az://...: no conditional puts here
+            log.warning("%s is not local or s3://: no lock; make sure no other run writes there", self.out)
+        elif storage.is_remote(self.out):
+            self._acquire_remote(fs, f"{root}/{LOCK_NAME}")
+        else:
+            self._acquire_local(os.path.join(root, LOCK_NAME))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _acquire_local(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                raise self._busy(owner) from None
+            try:  # the holder before us may have removed the file between our open and our lock
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, self.owner.encode())
+        self._fd, self._path = fd, path
+
+    def _acquire_remote(self, fs, path: str) -> None:
+        bucket, key, _ = fs.split_path(path)
+        self._fs, self._bucket, self._key = fs, bucket, key
+        try:
+            self._etag = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self.owner.encode(),
+                                    IfNoneMatch="*")["ETag"]
+        except FileExistsError:
+            try:
+                head = fs.call_s3("head_object", Bucket=bucket, Key=key)
+                owner = fs.cat_file(path).decode(errors="replace")
+            except FileNotFoundError:  # released meanwhile: try once more from the start
+                return self._acquire_remote(fs, path)
+            age = time.time() - head["LastModified"].timestamp()
+            if age < LOCK_STALE_S:
+                raise self._busy(owner, age) from None
+            try:
+                self._etag = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self.owner.encode(),
+                                        IfMatch=head["ETag"])["ETag"]
+            except OSError:  # another run took it over first
+                raise self._busy("another run took over a stale lock") from None
+            log.warning("took over the lock on %s: its holder (%s) stopped renewing it %.0f s ago",
+                        self.out, owner, age)
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="ssm-score-lock")
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                self._etag = self._fs.call_s3("put_object", Bucket=self._bucket, Key=self._key,
+                                              Body=self.owner.encode(), IfMatch=self._etag)["ETag"]
+            except Exception as e:
+                self.lost = True
+                log.error("lost the lock on %s (%s: %s); another run may be writing there", self.out,
+                          type(e).__name__, e)
+                return
+
+    def check(self) -> None:
+        if self.lost:
+            raise DataError(
+                f"the lock on {self.out} was lost mid-run (not renewed for {LOCK_STALE_S:.0f} s); the rows written "
+                f"are kept, but rerun the same command once no other run writes there to finish the output."
+            )
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if not self.lost:
+                try:
+                    self._fs.call_s3("delete_object", Bucket=self._bucket, Key=self._key, IfMatch=self._etag)
+                except Exception as e:  # it goes stale and is taken over
+                    log.warning("could not remove the lock on %s (%s)", self.out, e)
+        if self._fd is not None:
+            os.unlink(self._path)  # while still holding it: a waiting run then locks a new file
+            os.close(self._fd)
+            self._fd = None
