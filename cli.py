@@ -157,6 +157,16 @@ def train(
     )
     for path, why in result.skipped[:10]:
         typer.echo(f"  skipped {why}")
+    _echo_test_split(result.data)
+
+
+def _echo_test_split(source: Optional[dict]) -> None:
+    """Say which normal images a folder-layout run kept for testing (evaluation reads the same rule back)."""
+    if source and source["layout"] == "folder":
+        held_out = source["n_normal"] - source["n_train"]
+        typer.echo(f"normal images held out for testing: {held_out} of {source['n_normal']}" if held_out else
+                   f"normal images held out for testing: none (all {source['n_normal']} trained on or validated); "
+                   f"evaluate on other folders")
 
 
 def _epoch_line(row: dict) -> None:
@@ -182,6 +192,7 @@ def _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, tes
         f"trained {cfg.epochs} epochs on {len(train_paths)} images ({len(val_paths)} held out); best epoch "
         f"{result.best_epoch} (validation loss {result.best_val_loss:.4f})\ncheckpoint: {result.best}"
     )
+    _echo_test_split(split.source)
 
 
 @app.command()

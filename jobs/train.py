@@ -70,6 +70,7 @@ class TrainJobResult:
     n_train: int  # readable training images
     n_val: int  # readable held-out normal images
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of images that did not decode
+    data: dict | None = None  # what it trained on (ssm.data.DatasetSplit.source), as its checkpoints record it
 
     @property
     def resumed_from(self) -> list[int]:
@@ -479,4 +480,4 @@ def train(
         _publish(tmp, join(out, "best"))
     _write_text(join(out, "history.json"), json.dumps(history, indent=1))
     return TrainJobResult(out, join(out, "best"), chosen.meta["epoch"], chosen.meta["val_loss"], calibration,
-                          history, n_train, n_val, skipped)
+                          history, n_train, n_val, skipped, split.source)

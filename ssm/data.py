@@ -381,10 +381,6 @@ def _split_key(path: str, root: str, seed: int) -> bytes:
 DEFAULT_TEST_FRACTION = 0.2
 
 
-def default_test_fraction(abnormal_dirs: Sequence[str]) -> float:
-    return DEFAULT_TEST_FRACTION if abnormal_dirs else 0.0
-
-
 def _folder_images(root: str, normal_dirs: Sequence[str], abnormal_dirs: Sequence[str], mask_dir: str | None,
                    fs=None) -> tuple[list[tuple[str, str]], list[Sample], list[str], list[str]]:
     """Normal (path, category) pairs, anomalous samples, and the normal and anomalous folders, resolved."""
@@ -457,7 +453,7 @@ def _load_folder(
     fs=None,
 ) -> DatasetSplit:
     if test_fraction is None:
-        test_fraction = default_test_fraction(abnormal_dirs)
+        test_fraction = DEFAULT_TEST_FRACTION if abnormal_dirs else 0.0
     if normal_dirs and not 0.0 <= test_fraction < 1.0:
         raise DataError(f"--test-fraction must be in [0, 1) for training (some normal images must be left to "
                         f"train on), got {test_fraction}.")

@@ -166,10 +166,12 @@ def _evaluate(data, run, *args):
     return out, (json.loads(out.output.strip().splitlines()[-1]) if out.exit_code == 0 else None)
 
 
+@pytest.mark.slow
 def test_train_on_a_train_folder_and_evaluate_on_a_test_folder(folders):
     out = _run("train", folders, "--out", folders / "run", "--normal-dir", "train/normal", *MODEL)
     assert out.exit_code == 0, out.output
     assert "on 9 images (1 held out)" in out.output  # all 10, less the validation image
+    assert "normal images held out for testing: none (all 10" in out.output
     from ssm.checkpoint import load_checkpoint
 
     data = load_checkpoint(folders / "run").meta["data"]
@@ -188,22 +190,26 @@ def test_train_on_a_train_folder_and_evaluate_on_a_test_folder(folders):
     assert (result["n_test"], result["n_anomalous"]) == (14, 4) and "whether or not" in result["tested"]
 
 
+@pytest.mark.slow
 def test_train_on_a_mixed_folder_set_and_evaluate_its_held_out_part(folders):
     dirs = ["--normal-dir", "mixed/good", "--abnormal-dir", "mixed/bad"]
     out = _run("train", folders, "--out", folders / "run", *dirs, *MODEL)
     assert out.exit_code == 0, out.output
     assert "on 11 images (1 held out)" in out.output  # 15 normals, 3 kept for testing, 1 for validation
+    assert "normal images held out for testing: 3 of 15" in out.output
 
     out = _run("evaluate", folders, "--checkpoint", folders / "run", "--layout", "folder", *dirs)
     assert out.exit_code == 0, out.output
     assert "test images 8 (5 anomalous)" in out.output and "the 3 of 15 held out" in out.output
-
-    out = _run("train", folders, "--out", folders / "run2", *dirs, *MODEL, "--test-fraction", 0.4)
-    assert out.exit_code == 0 and "on 8 images (1 held out)" in out.output, out.output
-    out, result = _evaluate(folders, folders / "run2", *dirs)
-    assert (result["n_test"], result["n_anomalous"]) == (11, 5)
+    out, result = _evaluate(folders, folders / "run", *dirs, "--test-fraction", 0.4)
+    assert (result["n_test"], result["n_anomalous"]) == (11, 5)  # 6 normals: 3 of them trained on
 
 
-def test_test_fraction_is_for_the_folder_layout(folders):
+def test_test_fraction_flag_errors(folders):
     out = _run("train", folders, "--out", folders / "run", "--test-fraction", 0.1, "--in-process")
     assert out.exit_code == 2 and "--test-fraction applies to --layout folder only" in out.output
+    out = _run("evaluate", folders, "--checkpoint", folders / "run", "--test-fraction", 1)
+    assert out.exit_code == 2 and "--test-fraction applies to --layout folder only" in out.output
+    out = _run("train", folders, "--out", folders / "run", "--normal-dir", "train/normal", *MODEL, "--test-fraction", 1)
+    assert out.exit_code == 2 and "--test-fraction must be in [0, 1) for training" in out.output.replace("\n", " ")
+    assert not (folders / "run").exists()
