@@ -211,7 +211,8 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
 ):
-    """Score the test split of DATA and print image AUROC, F1-max, pixel AUROC and AUPRO."""
+    """Score the test split of DATA (folder layout: never images the checkpoint trained on, unless --test-fraction
+    forces them) and print image AUROC, F1-max, pixel AUROC and AUPRO."""
     import torch
 
     from ssm.checkpoint import CheckpointError, load_checkpoint

@@ -557,13 +557,14 @@ def evaluation_split(
         if same and held_out:
             note = f"the {len(held_out)} of {n} held out when the model was trained"
         elif seen:
-            why = ("the model was trained on all of them" if same else
-                   f"{seen} of them are in the folders the model was trained from "
-                   f"({', '.join(trained_on['normal_dirs'])}), but not as the split it held out")
+            force = "or pass --test-fraction F to test a share F of them anyway (1: all)"
             raise DataError(
-                f"{', '.join(normal_dirs)}: {why}, and metrics on training images say nothing; test on folders "
-                f"the model never saw, pass the training run's own DATA and --normal-dir to test what it held out, "
-                f"or pass --test-fraction F to test a share F of these normal images anyway (1: all).")
+                f"{', '.join(normal_dirs)}: the model was trained on all of these normal images (none was held out); "
+                f"test on folders it never saw, {force}." if same else
+                f"{', '.join(normal_dirs)}: {seen} of these {n} normal images are in the folders the model was trained "
+                f"from ({', '.join(trained_on['normal_dirs'])}), but not as the split it held out then; pass the "
+                f"training run's own DATA and --normal-dir to test what it held out, test on folders it never saw, "
+                f"{force}.")
         else:
             held_out = [Sample(p, 0, None, c) for p, c in normals]
             note = f"all {n} (folders the model never trained on)"

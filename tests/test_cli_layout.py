@@ -86,7 +86,8 @@ def test_evaluation_tests_exactly_what_training_held_out(folders):
 
     # the training folders changed since (an image added): which ones were held out is lost, so it refuses
     _images(folders / "mixed" / "good", 1, seed=9, name="new")
-    with pytest.raises(DataError, match=r"16 of them are in the folders the model was trained from.*--test-fraction"):
+    with pytest.raises(DataError, match=r"16 of these 16 normal images are in the folders the model was trained "
+                                        r"from .*, but not as the split it held out.*--test-fraction F"):
         evaluation_split(str(folders), "folder", trained_on=trained.source, **kwargs)
 
 
@@ -99,11 +100,11 @@ def test_foreign_folders_are_tested_whole(folders):
 
 def test_refuses_training_images_unless_forced(folders):
     trained = load_layout(str(folders), "folder", normal_dirs=["train/normal"])
-    with pytest.raises(DataError, match="trained on all of them.*--test-fraction F"):
+    with pytest.raises(DataError, match="trained on all of these normal images.*--test-fraction F"):
         evaluation_split(str(folders), "folder", trained_on=trained.source, normal_dirs=["train/normal"],
                          abnormal_dirs=["test/bad"])
     # a folder mixing training images with new ones is refused too
-    with pytest.raises(DataError, match="10 of them are in the folders the model was trained from"):
+    with pytest.raises(DataError, match="10 of these 16 normal images are in the folders the model was trained from"):
         evaluation_split(str(folders), "folder", trained_on=trained.source, normal_dirs=["train", "test/normal"])
 
     split, note = evaluation_split(str(folders), "folder", trained_on=trained.source, normal_dirs=["train/normal"],
@@ -123,7 +124,7 @@ def test_mvtec_training_folder_is_refused_and_old_checkpoints_keep_the_old_rule(
     _images(mvtec / "test" / "good", 2, seed=6)
     trained = load_layout(str(mvtec), "mvtec")
     assert trained.source["normal_dirs"] == [str(mvtec / "train" / "good")]
-    with pytest.raises(DataError, match="trained on all of them"):
+    with pytest.raises(DataError, match="trained on all of these normal images"):
         evaluation_split(str(mvtec), "folder", trained_on=trained.source, normal_dirs=["train/good"])
     split, note = evaluation_split(str(mvtec), "mvtec", trained_on=trained.source)
     assert split.test == trained.test and "mvtec" in note
@@ -183,7 +184,8 @@ def test_train_on_a_train_folder_and_evaluate_on_a_test_folder(folders):
     assert (result["n_test"], result["n_anomalous"]) == (10, 4) and result["image_auroc"] is not None
 
     out, _ = _evaluate(folders, folders / "run", "--normal-dir", "train/normal", "--abnormal-dir", "test/bad")
-    assert out.exit_code == 2 and "--test-fraction F" in out.output and "trained on all of them" in out.output
+    message = out.output.replace("\n", " ")
+    assert out.exit_code == 2 and "trained on all of these normal images" in message and "--test-fraction F" in message
     out, result = _evaluate(folders, folders / "run", "--normal-dir", "train/normal", "--abnormal-dir", "test/bad",
                             "--test-fraction", 1)
     assert out.exit_code == 0, out.output
