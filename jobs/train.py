@@ -344,6 +344,17 @@ def _check_run_dir(out: str, resume: bool, job: dict) -> None:
                          f"run's --width/--img-size/--grayscale/--upsample or start a new run.")
 
 
+def _check_same_images(out: str, resume: bool, source: dict) -> None:
+    """With a test split held out, --resume must train on the run's own images: others would mix test images into
+    training (images added to or removed from a layout's separate training folder are fine)."""
+    before = json.loads(_read_text(join(out, "job.json"))).get("split") if resume else None
+    held_out = before and (before["test_fraction"] or source["test_fraction"])
+    if held_out and before["train_hash"] != source["train_hash"]:
+        raise ValueError(f"--resume {out}: these are not the run's training images ({before['n_train']} then, "
+                         f"{source['n_train']} now); pass the run's DATA, --layout, --normal-dir, --abnormal-dir and "
+                         f"--test-fraction, or start a new run.")
+
+
 # --------------------------------------------------------------------------------------------------------
 # The job
 
@@ -406,6 +417,8 @@ def train(
     _check_run_dir(out, resume, job)
 
     split = training_split(data, layout, normal_dirs, abnormal_dirs, mask_dir, test_fraction)
+    _check_same_images(out, resume, split.source)
+    job["split"] = split.source
     paths = split.train
     train_paths, val_paths = split_train_val(paths, cfg.val_fraction, cfg.seed)
     cpus_per_worker = start_ray(address, workers, cpus_per_worker, gpus_per_worker)

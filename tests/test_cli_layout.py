@@ -149,6 +149,27 @@ def test_remote_training_folders_are_recorded_as_uris(folders, s3_server):
     assert len(local.test) == 10
 
 
+def test_resume_refuses_other_images_when_a_test_split_is_held_out(folders):
+    from jobs.train import _check_same_images
+
+    run = folders / "run"
+    run.mkdir()
+    kwargs = dict(normal_dirs=["mixed/good"], abnormal_dirs=["mixed/bad"])
+    before = load_layout(str(folders), "folder", **kwargs).source
+    (run / "job.json").write_text(json.dumps({"split": before}))
+    _check_same_images(str(run), True, load_layout(str(folders), "folder", **kwargs).source)  # the same images
+    with pytest.raises(ValueError, match=r"not the run's training images \(12 then, 9 now\).*--test-fraction"):
+        _check_same_images(str(run), True, load_layout(str(folders), "folder", test_fraction=0.4, **kwargs).source)
+    # a separate training folder that changed (an image fixed or removed) holds no test images: fine
+    alone = load_layout(str(folders), "folder", normal_dirs=["train/normal"]).source
+    (run / "job.json").write_text(json.dumps({"split": alone}))
+    (folders / "train" / "normal" / "img_000.png").unlink()
+    _check_same_images(str(run), True, load_layout(str(folders), "folder", normal_dirs=["train/normal"]).source)
+    with pytest.raises(ValueError, match="not the run's training images"):
+        _check_same_images(str(run), True, load_layout(str(folders), "folder", test_fraction=0.2,
+                                                       normal_dirs=["train/normal"]).source)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The commands: train in process, evaluate
 
