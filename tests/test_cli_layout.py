@@ -80,7 +80,7 @@ def test_evaluation_tests_exactly_what_training_held_out(folders):
     split, note = evaluation_split(str(folders), "folder", trained_on=trained.source, **kwargs)
     assert _normals(split) == _normals(trained) and len(split.test) == 8
     assert "the 3 of 15 held out" in note
-    # the same folders named by absolute path, from another working directory's point of view
+    # the same folders named by absolute paths
     absolute = dict(normal_dirs=[str(folders / "mixed" / "good")], abnormal_dirs=[str(folders / "mixed" / "bad")])
     assert evaluation_split(str(folders), "folder", trained_on=trained.source, **absolute)[0] == split
 
@@ -130,9 +130,10 @@ def test_mvtec_training_folder_is_refused_and_old_checkpoints_keep_the_old_rule(
     assert split.test == trained.test and "mvtec" in note
 
     # a checkpoint that records nothing: the 20 % hold-out (seed 0) every folder-layout run had before
-    old, note = evaluation_split(str(folders), "folder", normal_dirs=["mixed/good"], abnormal_dirs=["mixed/bad"])
-    assert _normals(old) == _normals(load_layout(str(folders), "folder", normal_dirs=["mixed/good"],
-                                                 abnormal_dirs=["mixed/bad"], test_fraction=0.2))
+    old, note = evaluation_split(str(folders), "folder", normal_dirs=["train/normal"])
+    assert _normals(old) == _normals(load_layout(str(folders), "folder", normal_dirs=["train/normal"],
+                                                 test_fraction=0.2))
+    assert len(old.test) == 2 and "does not record" in note
 
 
 def test_remote_training_folders_are_recorded_as_uris(folders, s3_server):
