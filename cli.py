@@ -42,10 +42,17 @@ def _k_values(text: str) -> tuple[int, ...]:
     return values
 
 
-def _split(data: str, layout: Layout, normal_dir: list[str], abnormal_dir: list[str], mask_dir: Optional[str]):
+def _split(data: str, layout: Layout, normal_dir: list[str], abnormal_dir: list[str], mask_dir: Optional[str],
+           test_fraction: Optional[float] = None):
     from ssm.data import load_layout
 
-    return load_layout(data, layout.value, normal_dirs=normal_dir, abnormal_dirs=abnormal_dir, mask_dir=mask_dir)
+    return load_layout(data, layout.value, normal_dirs=normal_dir, abnormal_dirs=abnormal_dir, mask_dir=mask_dir,
+                       test_fraction=test_fraction)
+
+
+def _check_test_fraction(test_fraction: Optional[float], layout: Layout) -> None:
+    if test_fraction is not None and layout is not Layout.folder:
+        _fail(f"--test-fraction applies to --layout folder only: the {layout.value} layout has its own test folders")
 
 
 # Options shared by the commands that read a dataset layout.
@@ -58,6 +65,12 @@ MaskDirOpt = typer.Option(
     help="folder layout: where masks are; the mask of <stem>.<ext> is <stem>.png or <stem>_mask.png "
     "(default: beside each image, where a .png beside a .jpg of the same stem is its mask).",
 )
+TestFractionOpt = typer.Option(
+    None,
+    "--test-fraction",
+    help="folder layout: the share of the normal images held out for testing, never trained on (default: 0.2 "
+    "with --abnormal-dir, one mixed folder set; 0 without, normal folders whose test images are elsewhere).",
+)
 
 
 @app.command()
@@ -69,6 +82,7 @@ def train(
     normal_dir: list[str] = NormalDirOpt,
     abnormal_dir: list[str] = AbnormalDirOpt,
     mask_dir: Optional[str] = MaskDirOpt,
+    test_fraction: Optional[float] = TestFractionOpt,
     epochs: int = typer.Option(50, help="Training epochs (paper: 50)."),
     batch_size: int = typer.Option(32, help="Images per optimiser step, across all workers (paper: 32)."),
     img_size: int = typer.Option(128, help="Square image size (paper: 128): every image is resized to it."),
@@ -110,6 +124,7 @@ def train(
     from ssm.training import TrainConfig
 
     ks = _k_values(k_values)
+    _check_test_fraction(test_fraction, layout)
     if tile is not None and (tile < 16 or tile % 16):
         _fail(f"--tile must be a multiple of 16 pixels (the UNet halves it four times), got {tile}")
     if scale != 1.0 and tile is None:
@@ -121,12 +136,14 @@ def train(
                           k_values=ks, seed=seed, lr_steps=_int_list(lr_steps, "--lr-steps"))
         scoring = ScoringConfig(k_values=ks, refine_passes=refine_passes, ratio=ratio, seed=seed)
         if in_process:
-            _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, model_cfg, cfg, scoring)
+            _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, test_fraction, model_cfg, cfg,
+                              scoring)
             return
         from jobs.train import train as train_job
 
         result = train_job(data, resume or out, layout=layout.value, normal_dirs=normal_dir,
-                           abnormal_dirs=abnormal_dir, mask_dir=mask_dir, model_config=model_cfg, cfg=cfg,
+                           abnormal_dirs=abnormal_dir, mask_dir=mask_dir, test_fraction=test_fraction,
+                           model_config=model_cfg, cfg=cfg,
                            scoring=scoring, workers=workers, gpus_per_worker=gpus_per_worker,
                            cpus_per_worker=cpus_per_worker, address=address, keep=keep, max_failures=max_failures,
                            resume=resume is not None, on_epoch=_epoch_line)
@@ -140,6 +157,16 @@ def train(
     )
     for path, why in result.skipped[:10]:
         typer.echo(f"  skipped {why}")
+    _echo_test_split(result.data)
+
+
+def _echo_test_split(source: Optional[dict]) -> None:
+    """Say which normal images a folder-layout run kept for testing (evaluation reads the same rule back)."""
+    if source and source["layout"] == "folder":
+        held_out = source["n_normal"] - source["n_train"]
+        typer.echo(f"normal images held out for testing: {held_out} of {source['n_normal']}" if held_out else
+                   f"normal images held out for testing: none (all {source['n_normal']} trained on or validated); "
+                   f"evaluate on other folders")
 
 
 def _epoch_line(row: dict) -> None:
@@ -147,22 +174,25 @@ def _epoch_line(row: dict) -> None:
                f"{row['images_per_s']:.1f} img/s", err=True)
 
 
-def _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, model_cfg, cfg, scoring) -> None:
+def _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, test_fraction, model_cfg, cfg,
+                      scoring) -> None:
     """The single-process `ssm.training.fit` (no Ray): local data only."""
     from ssm.data import ImageDataset
     from ssm.training import fit, split_train_val
 
     if "://" in data or "://" in out:
         _fail("--in-process reads and writes local folders only; drop it to use s3:// through the Ray job.")
-    split = _split(data, layout, normal_dir, abnormal_dir, mask_dir)
+    split = _split(data, layout, normal_dir, abnormal_dir, mask_dir, test_fraction)
     train_paths, val_paths = split_train_val(split.train, cfg.val_fraction, cfg.seed)
     result = fit(ImageDataset.for_model(train_paths, model_cfg, crop="random", seed=cfg.seed),
                  ImageDataset.for_model(val_paths, model_cfg, crop="fixed", seed=cfg.seed), out, model_cfg, cfg,
-                 scoring, calibration_data=ImageDataset.for_model(val_paths, model_cfg) if model_cfg.tiled else None)
+                 scoring, calibration_data=ImageDataset.for_model(val_paths, model_cfg) if model_cfg.tiled else None,
+                 trained_on=split.source)
     typer.echo(
         f"trained {cfg.epochs} epochs on {len(train_paths)} images ({len(val_paths)} held out); best epoch "
         f"{result.best_epoch} (validation loss {result.best_val_loss:.4f})\ncheckpoint: {result.best}"
     )
+    _echo_test_split(split.source)
 
 
 @app.command()
@@ -173,31 +203,39 @@ def evaluate(
     normal_dir: list[str] = NormalDirOpt,
     abnormal_dir: list[str] = AbnormalDirOpt,
     mask_dir: Optional[str] = MaskDirOpt,
+    test_fraction: Optional[float] = typer.Option(
+        None, "--test-fraction", help="folder layout: test this share of the normal images (1: all), split as "
+        "training holds them out, even images the model trained on (default: the part the checkpoint held out "
+        "of these folders, or all of folders it never trained on)."),
     batch_size: int = typer.Option(32, help="Images per scoring batch."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
 ):
-    """Score the test split of DATA and print image AUROC, F1-max, pixel AUROC and AUPRO."""
+    """Score the test split of DATA (folder layout: never images the checkpoint trained on, unless --test-fraction
+    forces them) and print image AUROC, F1-max, pixel AUROC and AUPRO."""
     import torch
 
     from ssm.checkpoint import CheckpointError, load_checkpoint
-    from ssm.data import DataError
+    from ssm.data import DataError, evaluation_split
     from ssm.evaluation import evaluate as run_evaluation
 
+    _check_test_fraction(test_fraction, layout)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         ckpt = load_checkpoint(checkpoint, map_location=dev)
-        split = _split(data, layout, normal_dir, abnormal_dir, mask_dir)
+        split, tested = evaluation_split(data, layout.value, trained_on=ckpt.meta.get("data"), normal_dirs=normal_dir,
+                                         abnormal_dirs=abnormal_dir, mask_dir=mask_dir, test_fraction=test_fraction)
         result = run_evaluation(ckpt, split, batch_size=batch_size, device=dev, progress=not as_json)
     except (DataError, CheckpointError, ValueError) as e:
         _fail(str(e))
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(json.dumps({**result, "tested": tested}))
         return
     for key in ("image_auroc", "f1_max", "pixel_auroc", "aupro"):
         value = result[key]
         typer.echo(f"{key:12s} {'n/a' if value is None else f'{value:.4f}'}")
     typer.echo(f"test images {result['n_test']} ({result['n_anomalous']} anomalous); checkpoint {ckpt.path}")
+    typer.echo(tested)
 
 
 @app.command()

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.dataset as pads
 from PIL import Image
 
-from ssm.data import load_layout, load_masks
+from ssm.data import DataError, load_layout, load_masks
 from ssm.metrics import aupro, f1_max, image_auroc, pixel_auroc
 from ssm.model import ModelConfig
 from ssm.scoring import ScoringConfig
@@ -90,6 +90,9 @@ def run_demo(
     else:
         echo(f"[1/5] dataset: {data} ({layout} layout)")
     split = load_layout(data, layout, normal_dirs=normal_dirs, abnormal_dirs=abnormal_dirs, mask_dir=mask_dir)
+    if not split.test:  # normal folders alone are all for training (their test images are elsewhere)
+        raise DataError(f"{data}: nothing to test the demo on; add --abnormal-dir (the demo tests those and the "
+                        f"normal images it holds out beside them).")
 
     echo(f"[2/5] training W={width} at {img_size} px for {epochs} epochs on {len(split.train)} normal images (Ray Train)")
     run = train(

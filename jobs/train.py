@@ -48,7 +48,7 @@ from ray.train import UserCallback
 from jobs.storage import filesystem_for, fsspec_for, is_remote, join
 from ssm.calibration import Calibration, calibrate
 from ssm.checkpoint import load_checkpoint, save_checkpoint
-from ssm.data import DataError, decode_for, load_layout
+from ssm.data import DataError, DatasetSplit, decode_for, load_layout
 from ssm.model import ModelConfig, SSMUNet
 from ssm.scoring import ScoringConfig
 from ssm.tiling import random_crop
@@ -70,6 +70,7 @@ class TrainJobResult:
     n_train: int  # readable training images
     n_val: int  # readable held-out normal images
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of images that did not decode
+    data: dict | None = None  # what it trained on (ssm.data.DatasetSplit.source), as its checkpoints record it
 
     @property
     def resumed_from(self) -> list[int]:
@@ -171,17 +172,19 @@ def _model_inputs(images, model_config: ModelConfig, rng: random.Random | None) 
     return torch.stack(crops).float().div_(255.0)
 
 
-def list_training_images(data: str, layout: str = "mvtec", normal_dirs: Sequence[str] = (),
-                         abnormal_dirs: Sequence[str] = (), mask_dir: str | None = None) -> list[str]:
-    """The normal training images of DATA (local folder or s3:// prefix), in the filesystem's own paths."""
+def training_split(data: str, layout: str = "mvtec", normal_dirs: Sequence[str] = (),
+                   abnormal_dirs: Sequence[str] = (), mask_dir: str | None = None,
+                   test_fraction: float | None = None) -> DatasetSplit:
+    """The split of DATA (local folder or s3:// prefix), in the filesystem's own paths; its `source` says what
+    the model trains on (checkpoints record it for `ssm evaluate`)."""
     if is_remote(data):
         fs, root = fsspec_for(data)
         if not fs.isdir(root):
             raise DataError(f"{data}: dataset folder not found; check the path (and AWS_ENDPOINT_URL for S3).")
     else:
         fs, root = None, os.path.abspath(data)
-    split = load_layout(root, layout, normal_dirs=normal_dirs, abnormal_dirs=abnormal_dirs, mask_dir=mask_dir, fs=fs)
-    return split.train
+    return load_layout(root, layout, normal_dirs=normal_dirs, abnormal_dirs=abnormal_dirs, mask_dir=mask_dir,
+                       test_fraction=test_fraction, fs=fs)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -275,8 +278,8 @@ def _train_loop(config: dict) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if rank == 0:  # one copy of the weights; every rank still reports (it is a barrier)
-                meta = {"model": model_config.to_dict(), "train": cfg.to_dict(), "epoch": epoch + 1,
-                        "val_loss": row["val_loss"]}
+                meta = {"model": model_config.to_dict(), "train": cfg.to_dict(), "data": config["data"],
+                        "epoch": epoch + 1, "val_loss": row["val_loss"]}
                 save_checkpoint(tmp, module, model_config, config["scoring"], None, meta)
                 sched_state = {**sched.state_dict(), "milestones": dict(sched.milestones)}
                 torch.save({"epoch": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched_state,
@@ -341,6 +344,17 @@ def _check_run_dir(out: str, resume: bool, job: dict) -> None:
                          f"run's --width/--img-size/--grayscale/--upsample or start a new run.")
 
 
+def _check_same_images(out: str, resume: bool, source: dict) -> None:
+    """With a test split held out, --resume must train on the run's own images: others would mix test images into
+    training (images added to or removed from a layout's separate training folder are fine)."""
+    before = json.loads(_read_text(join(out, "job.json"))).get("split") if resume else None
+    held_out = before and (before["test_fraction"] or source["test_fraction"])
+    if held_out and before["train_hash"] != source["train_hash"]:
+        raise ValueError(f"--resume {out}: these are not the run's training images ({before['n_train']} then, "
+                         f"{source['n_train']} now); pass the run's DATA, --layout, --normal-dir, --abnormal-dir and "
+                         f"--test-fraction, or start a new run.")
+
+
 # --------------------------------------------------------------------------------------------------------
 # The job
 
@@ -363,6 +377,7 @@ def train(
     normal_dirs: Sequence[str] = (),
     abnormal_dirs: Sequence[str] = (),
     mask_dir: str | None = None,
+    test_fraction: float | None = None,
     model_config: ModelConfig | None = None,
     cfg: TrainConfig | None = None,
     scoring: ScoringConfig | None = None,
@@ -397,10 +412,14 @@ def train(
         out = os.path.abspath(out)
     job = {"data": data, "layout": layout, "normal_dirs": list(normal_dirs), "abnormal_dirs": list(abnormal_dirs),
            "mask_dir": mask_dir, "model": model_config.to_dict(), "train": cfg.to_dict(),
-           "scoring": scoring.to_dict(), "workers": workers, "gpus_per_worker": gpus_per_worker}
+           "scoring": scoring.to_dict(), "workers": workers, "gpus_per_worker": gpus_per_worker,
+           "test_fraction": test_fraction}
     _check_run_dir(out, resume, job)
 
-    paths = list_training_images(data, layout, normal_dirs, abnormal_dirs, mask_dir)
+    split = training_split(data, layout, normal_dirs, abnormal_dirs, mask_dir, test_fraction)
+    _check_same_images(out, resume, split.source)
+    job["split"] = split.source
+    paths = split.train
     train_paths, val_paths = split_train_val(paths, cfg.val_fraction, cfg.seed)
     cpus_per_worker = start_ray(address, workers, cpus_per_worker, gpus_per_worker)
     train_ds, skipped = _decoded(train_paths, data, model_config)
@@ -425,7 +444,7 @@ def train(
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"model": model_config, "train": cfg, "scoring": scoring, "val_images": val_ref,
-                           "n_train": n_train, "cpus_per_worker": cpus_per_worker},
+                           "n_train": n_train, "cpus_per_worker": cpus_per_worker, "data": split.source},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -474,4 +493,4 @@ def train(
         _publish(tmp, join(out, "best"))
     _write_text(join(out, "history.json"), json.dumps(history, indent=1))
     return TrainJobResult(out, join(out, "best"), chosen.meta["epoch"], chosen.meta["val_loss"], calibration,
-                          history, n_train, n_val, skipped)
+                          history, n_train, n_val, skipped, split.source)

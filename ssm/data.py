@@ -25,7 +25,7 @@ import random
 import struct
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -230,11 +230,16 @@ class Sample:
 
 @dataclass
 class DatasetSplit:
-    """Normal training images and labelled test samples, both sorted."""
+    """Normal training images and labelled test samples, both sorted.
+
+    `source` says where the training images came from and which normal images were held out for testing
+    (see `_source`); training records it in the checkpoint so evaluation can test only what it never saw.
+    """
 
     train: list[str]
     test: list[Sample]
     has_masks: bool
+    source: dict | None = field(default=None, compare=False)
 
 
 def _is_image(filename: str) -> bool:
@@ -314,7 +319,7 @@ def _load_mvtec(root: str, fs=None) -> DatasetSplit:
                     raise DataError(f"{mask_path} not found: every anomalous test image needs its mask "
                                     f"(for {path}); restore it or remove the ground_truth folder.")
             test.append(Sample(path, 1, mask_path, defect))
-    return DatasetSplit(train, test, has_masks)
+    return DatasetSplit(train, test, has_masks, _source("mvtec", root, [train_dir], [], train, train, 0.0, 0, fs))
 
 
 def _load_oct2017(root: str, fs=None) -> DatasetSplit:
@@ -329,7 +334,7 @@ def _load_oct2017(root: str, fs=None) -> DatasetSplit:
         for cls in _subfolders(test_dir, fs)
         for path in list_images(os.path.join(test_dir, cls), fs=fs)
     ]
-    return DatasetSplit(train, test, False)
+    return DatasetSplit(train, test, False, _source("oct2017", root, [train_dir], [], train, train, 0.0, 0, fs))
 
 
 def _images_without_masks(folder: str, fs=None) -> list[str]:
@@ -371,19 +376,16 @@ def _split_key(path: str, root: str, seed: int) -> bytes:
     return hashlib.blake2b(f"{seed}:{rel}".encode(), digest_size=16).digest()
 
 
-def _load_folder(
-    root: str,
-    normal_dirs: Sequence[str],
-    abnormal_dirs: Sequence[str],
-    mask_dir: str | None,
-    test_fraction: float,
-    seed: int,
-    fs=None,
-) -> DatasetSplit:
+# The share of normal images a folder layout holds out for testing when it has anomalous folders too (one
+# mixed folder set). Normal folders alone are all for training: their test images are in other folders.
+DEFAULT_TEST_FRACTION = 0.2
+
+
+def _folder_images(root: str, normal_dirs: Sequence[str], abnormal_dirs: Sequence[str], mask_dir: str | None,
+                   fs=None) -> tuple[list[tuple[str, str]], list[Sample], list[str], list[str]]:
+    """Normal (path, category) pairs, anomalous samples, and the normal and anomalous folders, resolved."""
     if not normal_dirs:
         raise DataError("the folder layout needs at least one --normal-dir holding defect-free images.")
-    if not 0.0 <= test_fraction < 1.0:
-        raise DataError(f"--test-fraction must be in [0, 1), got {test_fraction}.")
 
     def resolve(d: str, flag: str) -> str:
         path = d if os.path.isabs(d) else os.path.join(root, d)
@@ -393,16 +395,16 @@ def _load_folder(
     if mask_dir is not None:
         mask_dir = resolve(mask_dir, "--mask-dir")
 
+    normal_paths = [resolve(d, "--normal-dir") for d in normal_dirs]
     normals: list[tuple[str, str]] = []  # (path, category)
-    for d in normal_dirs:
-        path = resolve(d, "--normal-dir")
+    for path in normal_paths:
         normals += [(p, Path(path).name) for p in _images_without_masks(path, fs)]
     if not normals:
         raise DataError(f"{', '.join(normal_dirs)}: no normal images found under {root}; check --normal-dir.")
 
+    abnormal_paths = [resolve(d, "--abnormal-dir") for d in abnormal_dirs]
     abnormals: list[Sample] = []
-    for d in abnormal_dirs:
-        path = resolve(d, "--abnormal-dir")
+    for path in abnormal_paths:
         category = Path(path).name
         abnormals += [Sample(p, 1, _find_mask(p, mask_dir, fs), category) for p in _images_without_masks(path, fs)]
 
@@ -410,13 +412,64 @@ def _load_folder(
     if overlap:
         raise DataError(f"{sorted(overlap)[0]} is under both a --normal-dir and an --abnormal-dir; "
                         f"make the folders disjoint.")
+    return normals, abnormals, normal_paths, abnormal_paths
 
+
+def _hold_out(normals: list[tuple[str, str]], root: str, test_fraction: float,
+              seed: int) -> tuple[list[str], list[Sample]]:
+    """Normal (path, category) pairs -> training paths and the `test_fraction` of them held out as test samples."""
     ranked = sorted(normals, key=lambda pc: _split_key(pc[0], root, seed))
     n_test = int(round(len(ranked) * test_fraction))
-    train = _require_train(sorted(p for p, _ in ranked[n_test:]), ", ".join(normal_dirs))
-    test = sorted([Sample(p, 0, None, c) for p, c in ranked[:n_test]] + abnormals, key=lambda s: s.path)
+    return sorted(p for p, _ in ranked[n_test:]), [Sample(p, 0, None, c) for p, c in ranked[:n_test]]
+
+
+def _files_hash(paths: Sequence[str], root: str) -> str:
+    rel = sorted(os.path.relpath(p, root).replace(os.sep, "/") for p in paths)
+    return hashlib.sha256("\n".join(rel).encode()).hexdigest()[:16]
+
+
+def _where(path: str, fs=None) -> str:
+    """A path as a checkpoint records it: absolute (links resolved) when local, a URI (s3://...) when remote."""
+    return os.path.realpath(path) if fs is None else fs.unstrip_protocol(path)
+
+
+def _source(layout: str, root: str, normal_dirs: Sequence[str], abnormal_dirs: Sequence[str], normals: Sequence[str],
+            train: Sequence[str], test_fraction: float, seed: int, fs=None) -> dict:
+    """Where the training images come from, for DatasetSplit.source: the folders, the split rule (the share of
+    normal images held out for testing and its seed), and hashes of the normal and training file lists."""
+    return {"layout": layout, "root": _where(root, fs), "normal_dirs": [_where(d, fs) for d in normal_dirs],
+            "abnormal_dirs": [_where(d, fs) for d in abnormal_dirs], "test_fraction": test_fraction,
+            "split_seed": seed, "n_normal": len(normals), "normal_hash": _files_hash(normals, root),
+            "n_train": len(train), "train_hash": _files_hash(train, root)}
+
+
+def _load_folder(
+    root: str,
+    normal_dirs: Sequence[str],
+    abnormal_dirs: Sequence[str],
+    mask_dir: str | None,
+    test_fraction: float | None,
+    seed: int,
+    fs=None,
+) -> DatasetSplit:
+    if test_fraction is None:
+        test_fraction = DEFAULT_TEST_FRACTION if abnormal_dirs else 0.0
+    if normal_dirs and not 0.0 <= test_fraction < 1.0:
+        raise DataError(f"--test-fraction must be in [0, 1) for training (some normal images must be left to "
+                        f"train on), got {test_fraction}.")
+    normals, abnormals, normal_paths, abnormal_paths = _folder_images(root, normal_dirs, abnormal_dirs, mask_dir, fs)
+    train, held_out = _hold_out(normals, root, test_fraction, seed)
+    train = _require_train(train, ", ".join(normal_dirs))
+    test = sorted(held_out + abnormals, key=lambda s: s.path)
     has_masks = bool(abnormals) and all(s.mask_path is not None for s in abnormals)
-    return DatasetSplit(train, test, has_masks)
+    source = _source("folder", root, normal_paths, abnormal_paths, [p for p, _ in normals], train, test_fraction,
+                     seed, fs)
+    return DatasetSplit(train, test, has_masks, source)
+
+
+def _require_root(root: str, fs=None) -> None:
+    if not _isdir(root, fs):
+        raise DataError(f"{root}: dataset folder not found; check the path.")
 
 
 def load_layout(
@@ -426,7 +479,7 @@ def load_layout(
     normal_dirs: Sequence[str] = (),
     abnormal_dirs: Sequence[str] = (),
     mask_dir: str | None = None,
-    test_fraction: float = 0.2,
+    test_fraction: float | None = None,
     seed: int = 0,
     fs=None,
 ) -> DatasetSplit:
@@ -437,14 +490,15 @@ def load_layout(
     - "oct2017": ROOT/train/NORMAL; ROOT/test/NORMAL is label 0, every other ROOT/test/<class> label 1.
     - "folder":  `normal_dirs` (split by `seed` into train and a `test_fraction` of test normals) and
                  `abnormal_dirs` (all test), searched recursively, relative to ROOT unless absolute.
+                 `test_fraction` None: DEFAULT_TEST_FRACTION with `abnormal_dirs` (one mixed folder set),
+                 0 without (normal folders for training, their test images elsewhere).
                  The mask of <stem>.<ext> is <stem>.png or <stem>_mask.png in `mask_dir` (default: the
                  image's own folder); a png beside a same-stem image is a mask, never an image.
 
     `fs`: an fsspec filesystem to read a remote root ("bucket/prefix" for s3fs); None for local folders.
     """
     root = os.fspath(root)
-    if not _isdir(root, fs):
-        raise DataError(f"{root}: dataset folder not found; check the path.")
+    _require_root(root, fs)
     if layout == "mvtec":
         return _load_mvtec(root, fs)
     if layout == "oct2017":
@@ -452,6 +506,71 @@ def load_layout(
     if layout == "folder":
         return _load_folder(root, normal_dirs, abnormal_dirs, mask_dir, test_fraction, seed, fs)
     raise DataError(f"unknown layout {layout!r}: use --layout with one of {', '.join(LAYOUTS)}.")
+
+
+def evaluation_split(
+    root: str,
+    layout: str = "mvtec",
+    *,
+    trained_on: dict | None = None,
+    normal_dirs: Sequence[str] = (),
+    abnormal_dirs: Sequence[str] = (),
+    mask_dir: str | None = None,
+    test_fraction: float | None = None,
+    fs=None,
+) -> tuple[DatasetSplit, str]:
+    """The images to test a model on that was trained on `trained_on` (the DatasetSplit.source its checkpoint
+    records), and a line saying which normal images they are.
+
+    mvtec and oct2017 test their own test folders. The folder layout tests every anomalous image and
+      - with `test_fraction`: that share of the normal images, held out as in training (1: all of them),
+        whether or not the model trained on them (the user's override);
+      - in the normal folders the model was trained from, unchanged: exactly the part held out then;
+      - in normal folders the model never saw (by path): all of them;
+      - otherwise (some are under its training folders, but not as the same split, or none was held out):
+        a DataError naming --test-fraction, rather than metrics on images the model trained on.
+    A checkpoint that records nothing (older ones) gets the rule training had then: 20 % held out, seed 0.
+    """
+    root = os.fspath(root)
+    if layout != "folder":
+        split = load_layout(root, layout, fs=fs)
+        return split, f"the {layout} layout's test folders"
+    _require_root(root, fs)
+    if test_fraction is not None and not 0.0 <= test_fraction <= 1.0:
+        raise DataError(f"--test-fraction must be in [0, 1], got {test_fraction}.")
+    normals, abnormals, _, _ = _folder_images(root, normal_dirs, abnormal_dirs, mask_dir, fs)
+    seed = (trained_on or {}).get("split_seed", 0)
+    n = len(normals)
+    if test_fraction is not None:
+        _, held_out = _hold_out(normals, root, test_fraction, seed)
+        note = f"{len(held_out)} of {n} (--test-fraction {test_fraction:g}), whether or not the model trained on them"
+    elif trained_on is None:
+        _, held_out = _hold_out(normals, root, DEFAULT_TEST_FRACTION, 0)
+        note = f"{len(held_out)} of {n} (the checkpoint does not record its training images: the 20 % held out before)"
+    else:
+        train, held_out = _hold_out(normals, root, trained_on["test_fraction"], seed)
+        folders = tuple(os.path.join(d, "") for d in trained_on["normal_dirs"])
+        parents = {os.path.dirname(p) for p, _ in normals}
+        under = {d: os.path.join(_where(d, fs), "").startswith(folders) for d in parents}
+        seen = sum(under[os.path.dirname(p)] for p, _ in normals)  # images in the folders it was trained from
+        same = seen == n and _files_hash(train, root) == trained_on["train_hash"]
+        if same and held_out:
+            note = f"the {len(held_out)} of {n} held out when the model was trained"
+        elif seen:
+            force = "or pass --test-fraction F to test a share F of them anyway (1: all)"
+            raise DataError(
+                f"{', '.join(normal_dirs)}: the model was trained on all of these normal images (none was held out); "
+                f"test on folders it never saw, {force}." if same else
+                f"{', '.join(normal_dirs)}: {seen} of these {n} normal images are in the folders the model was trained "
+                f"from ({', '.join(trained_on['normal_dirs'])}), but not as the split it held out then; pass the "
+                f"training run's own DATA and --normal-dir to test what it held out, test on folders it never saw, "
+                f"{force}.")
+        else:
+            held_out = [Sample(p, 0, None, c) for p, c in normals]
+            note = f"all {n} (folders the model never trained on)"
+    test = sorted(held_out + abnormals, key=lambda s: s.path)
+    has_masks = bool(abnormals) and all(s.mask_path is not None for s in abnormals)
+    return DatasetSplit([], test, has_masks), "normal test images: " + note
 
 
 # ----------------------------------------------------------------------------------------------------------

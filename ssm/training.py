@@ -143,11 +143,14 @@ def fit(
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
     calibration_data: Dataset | None = None,
+    trained_on: dict | None = None,
 ) -> FitResult:
     """Train in this process; writes RUN/last, RUN/best (calibrated) and RUN/history.json.
 
     The best checkpoint is calibrated on `calibration_data` (default: `val_data`): for a tiled model, the
     held-out images whole (ImageDataset with crop=None), since scoring sees whole images, not crops.
+    `trained_on` (ssm.data.DatasetSplit.source) goes into every checkpoint's meta as "data", so evaluation
+    knows which images the model saw.
     """
     from tqdm.auto import tqdm
 
@@ -172,7 +175,7 @@ def fit(
     loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_data) > cfg.batch_size)
     val_batches = _batches(val_data, cfg.batch_size)
     best_loss, best_epoch, history = math.inf, -1, []
-    meta = {"model": model_config.to_dict(), "train": cfg.to_dict()}
+    meta = {"model": model_config.to_dict(), "train": cfg.to_dict(), "data": trained_on}
     bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()

@@ -140,6 +140,9 @@ def test_best_checkpoints_are_kept_and_best_is_calibrated(killed_run):
     assert best.calibration is not None and best.calibration.n_images == result.n_val == 2
     assert best.meta["epoch"] == result.best_epoch == by_val[0]["epoch"]
     assert best.meta["val_loss"] == pytest.approx(by_val[0]["val_loss"])
+    data = best.meta["data"]  # what it trained on, for `ssm evaluate`: all of train/good (+ the corrupt file)
+    assert data["layout"] == "mvtec" and data["n_train"] == 23 and data["test_fraction"] == 0.0
+    assert data["normal_dirs"] == [str(run.parent / "data" / "train" / "good")]
     image = torch.from_numpy(_stripes(np.random.default_rng(1))).permute(2, 0, 1)[None].float() / 255
     assert torch.isfinite(best.scorer().score(image).image_scores).all()  # scores on its own
 
@@ -185,6 +188,7 @@ def test_s3_data_and_storage_then_resume_from_the_cli(s3_server, ray_local, tmp_
 
     best = load_checkpoint(localize(run))
     assert best.calibration is not None and best.meta["epoch"] in (1, 2, 3)
+    assert best.meta["data"]["normal_dirs"] == [f"{data}/train/good"]
 
 
 # --------------------------------------------------------------------------------------------------------
