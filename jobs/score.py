@@ -30,6 +30,7 @@ Each file's schema metadata holds b"ssm": {"threshold", "heatmap_vmin", "heatmap
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import io
@@ -70,8 +71,9 @@ SCHEMA = pa.schema(
         ("image_score", pa.float64()),  # null when the row has an error
         ("is_anomaly", pa.bool_()),
         ("heatmap_png", pa.binary()),  # 8-bit grayscale PNG at the scored resolution, calibrated fixed scale
-        ("width", pa.int32()),  # original size of the image; null when it could not be read
+        ("width", pa.int32()),  # original size of the image, EXIF orientation applied; null when unread
         ("height", pa.int32()),
+        ("frames", pa.int32()),  # frames in the file (multi-frame GIF/TIFF/WebP: frame 0 is scored); null on errors
         ("checkpoint", pa.string()),
         ("error", pa.string()),  # null when scored
     ]
@@ -93,10 +95,34 @@ _EXIT_AFTER_ENV = "SSM_SCORE_EXIT_AFTER_BATCHES"
 # Listing the inputs (driver)
 
 
+def row_key(name: str) -> str:
+    """`name` (a path, URI or tar member name) as written in the output's path and member columns.
+
+    Names that are valid UTF-8 are written as they are. A name that is not (a local file name or tar
+    member holding other bytes, which Python reads as surrogate escapes) is written with its bytes that are
+    not UTF-8 as \\xNN and its backslashes doubled, Python's escape form: the original bytes are
+    codecs.escape_decode(key.encode())[0], e.g. os.fsdecode(...) of them opens the file.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        try:
+            raw = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # lone surrogates that are not escaped bytes
+            raw = name.encode("utf-8", "surrogatepass")
+        return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True)
 class Source:
-    uri: str  # absolute local path or scheme://bucket/key
+    uri: str  # absolute local path or scheme://bucket/key, as read (may hold surrogate escapes)
     kind: str  # "image" or "tar"
+
+    @property
+    def key(self) -> str:
+        """The output's path for this source (see row_key)."""
+        return row_key(self.uri)
 
 
 def _kind(name: str) -> str | None:
@@ -117,7 +143,15 @@ def _named(uri: str) -> Source:
 
 
 def _walk_local(root: str) -> Iterator[Source]:
-    for folder, subdirs, files in os.walk(root):
+    """Image and tar files under `root`, following symlinked folders; a folder reached twice (a link
+    back up the tree, two links to one folder) is read only the first time."""
+    visited: set[tuple[int, int]] = set()
+    for folder, subdirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in visited:
+            subdirs[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         for f in sorted(files):
             kind = _kind(f)
@@ -125,21 +159,44 @@ def _walk_local(root: str) -> Iterator[Source]:
                 yield Source(os.path.join(folder, f), kind)
 
 
+def _manifest_line(uri: str) -> Iterator[Source]:
+    """What one manifest line names: a file (scored whatever its extension), or the images of a folder
+    (local; s3:// when the line ends with "/") or glob. A line that names nothing is still yielded as a
+    file, so that it becomes an error row saying so."""
+    remote = storage.is_remote(uri)
+    path = uri.split("://", 1)[1] if remote else uri
+    pattern = any(c in path for c in _GLOB_CHARS) and not (not remote and os.path.isfile(uri))
+    if not (pattern or (uri.endswith("/") if remote else os.path.isdir(uri))):
+        yield _named(uri)
+        return
+    found = False
+    try:
+        for source in _expand(uri):
+            found = True
+            yield source
+    except DataError:
+        pass
+    if not found:
+        yield Source(uri, "image")
+
+
 def _read_manifest(fs, path: str, uri: str) -> Iterator[Source]:
+    """The sources named by a manifest: UTF-8 (a byte-order mark is ignored; bytes that are not UTF-8 are
+    kept as surrogate escapes, so such file names still open), one path, URI, folder or glob a line."""
     base = uri.rsplit("/", 1)[0] if storage.is_remote(uri) else os.path.dirname(path)
-    with fs.open(path, "r", encoding="utf-8") as f:
+    with fs.open(path, "r", encoding="utf-8-sig", errors="surrogateescape") as f:
         for line in f:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             if storage.is_remote(line):
-                yield _named(line)
+                yield from _manifest_line(line)
             elif "://" in line:  # file://
-                yield _named(os.path.abspath(line.split("://", 1)[1]))
+                yield from _manifest_line(os.path.abspath(line.split("://", 1)[1]))
             elif storage.is_remote(uri):  # relative to the manifest's prefix
-                yield _named(f"{base}/{line.lstrip('/')}")
+                yield from _manifest_line(f"{base}/{line.lstrip('/')}")
             else:  # relative to the manifest's folder, unless absolute
-                yield _named(os.path.abspath(os.path.join(base, os.path.expanduser(line))))
+                yield from _manifest_line(os.path.abspath(os.path.join(base, os.path.expanduser(line))))
 
 
 def _expand(given: str) -> Iterator[Source]:
@@ -150,11 +207,13 @@ def _expand(given: str) -> Iterator[Source]:
     def uri(p: str) -> str:
         return scheme + p if remote else os.path.abspath(p)
 
-    if any(c in path for c in _GLOB_CHARS):
+    if any(c in path for c in _GLOB_CHARS) and not (not remote and os.path.isfile(path)):
         if remote:  # one listing with the types, not one request per match
             matches = sorted((p, info["type"] == "directory") for p, info in fs.glob(path, detail=True).items())
         else:
-            matches = [(p, os.path.isdir(p)) for p in sorted(glob.glob(path, recursive=True))]
+            # Shallowest first: a file also reached through a loop of symlinked folders keeps its short path.
+            found = sorted(glob.glob(path, recursive=True), key=lambda p: (p.count(os.sep), p))
+            matches = [(p, os.path.isdir(p)) for p in found]
         for m, is_dir in matches:
             if is_dir:
                 yield from _expand(uri(m))
@@ -177,27 +236,49 @@ def _expand(given: str) -> Iterator[Source]:
         else:
             yield _named(uri(path))
         return
-    raise DataError(f"{given}: input not found; check the path or URI.")
+    raise DataError(f"{row_key(given)}: input not found; check the path or URI.")
+
+
+def _identity(source: Source) -> str | tuple[str, str]:
+    """What makes two listed sources the same file: the URI, or for a local file its real folder and
+    name (a file reached through symlinked folders or a loop of them is listed once, under the first path
+    found; a symlink to a file in another folder is a file of its own)."""
+    if storage.is_remote(source.uri):
+        return source.uri
+    folder, name = os.path.split(source.uri)
+    return _realpath(folder), name
+
+
+_realpath = functools.lru_cache(maxsize=4096)(os.path.realpath)
 
 
 def list_sources(inputs: Sequence[str]) -> list[Source]:
-    """The image files and tar shards named by `inputs`, each once, in a stable order."""
-    found: dict[str, Source] = {}
+    """The image files and tar shards named by `inputs`, each once, in a stable order.
+
+    Raises DataError naming the first input that yields no image or tar at all (a glob that matches
+    nothing, an empty folder or manifest), before anything is scored.
+    """
+    found: dict[str | tuple[str, str], Source] = {}
     for given in inputs:
+        given = os.fspath(given)
+        if isinstance(given, bytes):
+            given = os.fsdecode(given)
+        n = 0
         try:
-            for source in _expand(os.fspath(given)):
-                found.setdefault(source.uri, source)
+            for source in _expand(given):
+                n += 1
+                found.setdefault(_identity(source), source)
         except DataError:
             raise
         except Exception as e:  # permissions, a missing bucket, bad credentials...
             raise DataError(
-                f"{given}: cannot list this input ({type(e).__name__}: {e}); check the path and access."
+                f"{row_key(given)}: cannot list this input ({type(e).__name__}: {e}); check the path and access."
             ) from e
-    if not found:
-        raise DataError(
-            f"no images found in {', '.join(map(str, inputs))} (extensions {', '.join(IMAGE_EXTENSIONS)}, "
-            f"or tar archives); check the inputs."
-        )
+        if n == 0:
+            raise DataError(
+                f"{row_key(given)}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}, or tar archives); "
+                f"check the input."
+            )
     return list(found.values())
 
 
@@ -265,18 +346,18 @@ def _plan_units(sources: Sequence[Source], done: set[tuple[str, str]]) -> tuple[
     so that only the missing ones are decoded. Lists travel as JSON strings.
     """
     by_tar: dict[str, list[str]] = {}
-    tars = {s.uri for s in sources if s.kind == "tar"}
+    tars = {s.key for s in sources if s.kind == "tar"}
     for path, member in done:
         if member and path in tars:
             by_tar.setdefault(path, []).append(member)
     images, units, skipped = [], [], 0
     for s in sources:
-        if (s.uri, "") in done:
+        if (s.key, "") in done:
             skipped += 1
         elif s.kind == "image":
             images.append(s.uri)
         else:
-            members = sorted(by_tar.get(s.uri, []))
+            members = sorted(by_tar.get(s.key, []))
             skipped += len(members)
             units.append({"kind": "tar", "uris": json.dumps([s.uri]), "skip": json.dumps(members)})
     for i in range(0, len(images), _FILES_PER_UNIT):
@@ -303,53 +384,185 @@ def _open_binary(uri: str):
     return fs.open(path, "rb")
 
 
+_MAX_TAR_DEPTH = 4  # tars inside tars are read this deep; deeper ones are an error row
+_MAX_LINK_HOPS = 16  # a chain of links longer than this (or a cycle) is an error row
+
+
+class _Keys:
+    """Unique member keys within one archive: a name seen before gets "#2", "#3"... (the first free one)."""
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def __call__(self, prefix: str, name: str) -> str:
+        name = prefix + row_key(name)
+        key, n = name, 1
+        while key in self.used:
+            n += 1
+            key = f"{name}#{n}"
+        self.used.add(key)
+        return key
+
+
+def _link_target(info: tarfile.TarInfo) -> str | None:
+    """The normalised name a link member points at; None when it points outside the archive."""
+    if info.issym():
+        if info.linkname.startswith("/"):
+            return None
+        target = posixpath.normpath(posixpath.join(posixpath.dirname(info.name), info.linkname))
+    else:  # hard links name their target from the archive's root
+        target = posixpath.normpath(info.linkname.lstrip("/"))
+    return None if target == ".." or target.startswith("../") else target
+
+
+def _tar_rows(tar: tarfile.TarFile, where: str, prefix: str, skip: set[str], keys: _Keys, depth: int
+              ) -> Iterator[tuple[str | None, bytes | None, str | None]]:
+    """(key, bytes, None) or (key, None, error) for each image of an open tar, in archive order, then its
+    image-named links; (None, None, error) once for an archive-level problem, which ends the reading.
+
+    Keys are `prefix` + the member name as row_key writes it (made unique by `keys`); a tar member is read as a nested tar
+    with prefix "<its key>/". Regular members are remembered as (offset, size) so links can be resolved.
+    """
+    files: dict[str, tuple[int, int]] = {}  # normalised name -> (data offset, size) of regular members
+    links: dict[str, tarfile.TarInfo] = {}  # normalised name -> link member
+    pending: list[tuple[str, tarfile.TarInfo]] = []  # (key, link member) of image-named links
+    count, truncated = 0, False
+    while True:
+        info = tar.next()
+        if info is None:
+            break
+        tar.members.clear()  # tarfile keeps every header it saw; we never look back
+        name, kind = posixpath.normpath(info.name), _kind(info.name)
+        if info.isfile():
+            files[name] = (info.offset_data, info.size)
+        elif info.issym() or info.islnk():
+            links[name] = info
+        if kind is None or not (info.isfile() or info.issym() or info.islnk()):
+            continue
+        key = keys(prefix, info.name)
+        count += 1
+        if info.issym() or info.islnk():
+            if kind == "image":
+                pending.append((key, info))
+            continue  # a link to a tar: its images are read where the tar itself is
+        if key in skip:
+            continue
+        if info.size > _MAX_MEMBER_BYTES and kind == "image":
+            yield key, None, f"{info.name} in {where}: member of {info.size:,} bytes is too large to score."
+            continue
+        if kind == "tar":
+            yield from _nested_tar(tar, info, key, where, skip, keys, depth)
+            continue
+        data = tar.extractfile(info).read()
+        if len(data) != info.size:
+            yield key, None, f"{info.name} in {where}: the archive is truncated; re-create the tar."
+            truncated = True
+            break
+        yield key, data, None
+    # tarfile ends quietly at a header it cannot parse: tell that apart from the end of the archive.
+    tar.fileobj.seek(tar.offset)
+    if not truncated and tar.fileobj.read(1024).strip(b"\0"):
+        yield None, None, (
+            f"{where}: corrupt tar archive (invalid header at byte {tar.offset} after {count} image "
+            f"and tar members); the rest was not read: re-create the archive."
+        )
+    for key, info in pending:
+        if key not in skip:
+            yield key, *_link_data(tar, info, files, links, where)
+
+
+def _link_data(tar: tarfile.TarFile, info: tarfile.TarInfo, files: dict, links: dict, where: str
+               ) -> tuple[bytes | None, str | None]:
+    """The bytes of the regular member a link (or a chain of links) points at, or the error."""
+    seen = info
+    for _ in range(_MAX_LINK_HOPS):
+        target = _link_target(seen)
+        if target is None:
+            return None, (f"{info.name} in {where}: a link to {info.linkname}, outside the archive; "
+                          f"store the file itself.")
+        if target in files:
+            offset, size = files[target]
+            if size > _MAX_MEMBER_BYTES:
+                return None, f"{info.name} in {where}: links to a member of {size:,} bytes, too large to score."
+            tar.fileobj.seek(offset)
+            data = tar.fileobj.read(size)
+            if len(data) != size:
+                return None, f"{info.name} in {where}: the archive is truncated; re-create the tar."
+            return data, None
+        if target not in links:
+            return None, (f"{info.name} in {where}: a link to {info.linkname}, which is not a file in the "
+                          f"archive; store the file itself.")
+        seen = links[target]
+    return None, f"{info.name} in {where}: a chain of links that does not end (a cycle?); store the file itself."
+
+
+def _nested_tar(tar: tarfile.TarFile, info: tarfile.TarInfo, key: str, where: str, skip: set[str],
+                keys: _Keys, depth: int) -> Iterator[tuple[str | None, bytes | None, str | None]]:
+    """The rows of a tar stored inside `tar`, read in place; a problem with it is one row keyed by it."""
+    if key in skip:  # its own error row is done: an earlier run could not read it
+        return
+    inner_where = f"{info.name} in {where}"
+    if depth + 1 >= _MAX_TAR_DEPTH:
+        yield key, None, f"{inner_where}: tar archives nested more than {_MAX_TAR_DEPTH} deep are not read."
+        return
+    count, failed = 0, False
+    try:
+        with tarfile.open(fileobj=tar.extractfile(info), mode="r:*") as inner:
+            for row in _tar_rows(inner, inner_where, key + "/", skip, keys, depth + 1):
+                if row[0] is None:  # the nested archive's own problem: a row keyed by it
+                    row, failed = (key, None, row[2]), True
+                count += 1
+                yield row
+    except Exception as e:  # tarfile.ReadError, EOFError, zlib/gzip errors
+        if failed:  # its one error row is written already
+            return
+        yield key, None, (
+            f"{inner_where}: cannot read this tar inside the archive ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}) after "
+            f"{count} members; re-create it."
+        )
+
+
 def _tar_members(uri: str, skip: set[str]) -> Iterator[tuple[str | None, bytes | None, str | None]]:
-    """(member, bytes, None) for each image member of the tar not in `skip`; (member or None, None, error)
-    for a member or an archive that cannot be read. Reading stops at the first archive-level problem."""
-    count = 0
+    """(key, bytes, None) for each image of the tar (nested tars and links included, see `_tar_rows`)
+    whose key is not in `skip`; (key or None, None, error) for a member or an archive that cannot be read.
+    Reading stops at the first archive-level problem."""
+    count, failed = 0, False
     try:
         with _open_binary(uri) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
-            while True:
-                info = tar.next()
-                if info is None:
-                    break
-                tar.members.clear()  # tarfile keeps every header it saw; we never look back
-                if not info.isfile() or not _kind(info.name) == "image":
-                    continue
-                count += 1
-                if info.name in skip:
-                    continue
-                if info.size > _MAX_MEMBER_BYTES:
-                    yield info.name, None, f"{info.name} in {uri}: member of {info.size:,} bytes is too large to score."
-                    continue
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    yield info.name, None, f"{info.name} in {uri}: the archive is truncated; re-create the tar."
-                    return
-                yield info.name, data, None
-            # tarfile ends quietly at a header it cannot parse: tell that apart from the end of the archive.
-            tar.fileobj.seek(tar.offset)
-            rest = tar.fileobj.read(1024)
-            if rest.strip(b"\0"):
-                yield None, None, (
-                    f"{uri}: corrupt tar archive (invalid header at byte {tar.offset} after {count} image "
-                    f"members); the rest was not read: re-create the archive."
-                )
+            for row in _tar_rows(tar, uri, "", skip, _Keys(), 0):
+                count += row[0] is not None
+                failed = failed or row[0] is None
+                yield row
     except Exception as e:  # tarfile.ReadError, EOFError, zlib/gzip errors, OSError from storage
+        if failed:  # the archive's one error row is written already
+            return
         yield None, None, (
             f"{uri}: cannot read the tar archive ({type(e).__name__}: {e}) after {count} image members; "
             f"it is corrupt or truncated: re-create it."
         )
 
 
-def _decode(data: bytes, model_config, name: str) -> tuple[np.ndarray | None, int, int, str | None]:
+def _decode(data: bytes, model_config, name: str) -> tuple[np.ndarray | None, int, int, int, str | None]:
+    """(pixels, width, height, frames, None), or (None, -1, -1, -1, error)."""
     try:
-        pixels, (w, h) = decode_for(data, model_config, name=name)
-        return pixels, w, h, None
+        pixels, (w, h), frames = decode_for(data, model_config, name=name, frames=True)
+        return pixels, w, h, frames, None
     except DataError as e:
-        return None, -1, -1, str(e)
+        return None, -1, -1, -1, str(e)
     except Exception as e:  # never let one odd file fail the job
-        return None, -1, -1, f"{name}: cannot be decoded ({type(e).__name__}: {e}); replace or remove it."
+        return None, -1, -1, -1, f"{name}: cannot be decoded ({type(e).__name__}: {e}); replace or remove it."
+
+
+def _unreadable(uri: str, e: Exception) -> str:
+    """The error row's message for a file that cannot be read (named in a manifest, or gone since listing)."""
+    if isinstance(e, IsADirectoryError) or (not storage.is_remote(uri) and os.path.isdir(uri)):
+        return f"{uri}: a folder with no images in it (extensions {', '.join(IMAGE_EXTENSIONS)}, or tar archives)."
+    if isinstance(e, FileNotFoundError) and any(c in uri for c in _GLOB_CHARS):
+        return f"{uri}: matches no image file; check the pattern."
+    if isinstance(e, FileNotFoundError):
+        return f"{uri}: file not found; check the path."
+    return f"{uri}: cannot be read ({type(e).__name__}: {e}); check that it exists."
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -364,15 +577,16 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
 
     Columns out: path, member ("" for plain files), pixels float32 (C, S, S) as the model takes them, or
     (C, H, W) at the image's scaled size for a tiled model (zeros on error rows), width, height (original
-    size, -1 when unknown), error ("" when decoded). Empty strings rather than None: a column of nothing but
-    None does not survive Ray's block conversions as strings.
+    size as a viewer shows it, -1 when unknown), frames (in the file; frame 0 is scored; -1 when unknown),
+    error ("" when decoded). Empty strings rather than None: a column of nothing but None does not survive
+    Ray's block conversions as strings. Paths and messages are written as row_key escapes them.
     """
-    out: dict[str, list] = {k: [] for k in ("path", "member", "pixels", "width", "height", "error")}
+    out: dict[str, list] = {k: [] for k in ("path", "member", "pixels", "width", "height", "frames", "error")}
     side = 1 if model_config.tiled else model_config.img_size
     blank = np.zeros((model_config.channels, side, side), np.float32)
 
-    def add(path, member, pixels, w, h, error):
-        row = (path, member or "", blank if pixels is None else pixels, w, h, error or "")
+    def add(path, member, pixels, w, h, frames, error):
+        row = (row_key(path), member or "", blank if pixels is None else pixels, w, h, frames, row_key(error or ""))
         for k, v in zip(out, row):
             out[k].append(v)
 
@@ -383,6 +597,7 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
             "pixels": _ragged(out["pixels"]) if model_config.tiled else np.stack(out["pixels"]),
             "width": np.array(out["width"], np.int32),
             "height": np.array(out["height"], np.int32),
+            "frames": np.array(out["frames"], np.int32),
             "error": np.array(out["error"], dtype=str),
         }
         for v in out.values():
@@ -396,7 +611,7 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
                 if error is None:
                     add(uri, member, *_decode(data, model_config, f"{member} in {uri}"))
                 else:
-                    add(uri, member, None, -1, -1, error)
+                    add(uri, member, None, -1, -1, -1, error)
                 if len(out["path"]) >= rows:
                     yield flush()
             continue
@@ -404,7 +619,7 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
             try:
                 data = _read_bytes(uri)
             except Exception as e:
-                add(uri, None, None, -1, -1, f"{uri}: cannot be read ({type(e).__name__}: {e}); check that it exists.")
+                add(uri, None, None, -1, -1, -1, _unreadable(uri, e))
             else:
                 add(uri, None, *_decode(data, model_config, uri))
             if len(out["path"]) >= rows:
@@ -506,6 +721,7 @@ class ScoreBatches:
                 "heatmap_png": pa.array(pngs, pa.binary()),
                 "width": pa.array(width, pa.int32(), mask=width < 0),
                 "height": pa.array(height, pa.int32(), mask=height < 0),
+                "frames": pa.array(batch["frames"].astype(np.int32), pa.int32(), mask=batch["frames"] < 0),
                 "checkpoint": pa.array([self.checkpoint_id] * n, pa.string()),
                 "error": pa.array(errors, pa.string()),
             },
