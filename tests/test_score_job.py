@@ -118,7 +118,7 @@ def _rows(out: str):
         assert table.schema.equals(SCHEMA), table.schema
         meta = json.loads(table.schema.metadata[METADATA_KEY])
         assert set(meta) == {"threshold", "heatmap_vmin", "heatmap_vmax", "img_size", "tiled", "scale",
-                             "heatmap_max_side", "checkpoint"}
+                             "heatmap_max_side", "precision", "checkpoint"}
         tables.append(table)
     rows = [r for t in tables for r in t.to_pylist()]
     keys = [(r["path"], r["member"]) for r in rows]
@@ -444,3 +444,62 @@ def test_listing_follows_symlinks_once_reads_manifests_and_names_empty_inputs(tm
     for nothing in (str(tmp_path / "zz*.png"), str(tmp_path / "empty")):
         with pytest.raises(DataError, match=f"{re.escape(nothing)}: no images found"):
             list_sources([str(root), nothing])
+
+
+@pytest.mark.slow
+def test_every_input_image_gets_one_row_through_the_job(tmp_path, checkpoint, ray_local):
+    """Tar links, nested tars and duplicate names, a symlink loop and a symlinked folder, a file name that is
+    not UTF-8, multi-frame and EXIF-rotated images, a manifest with a byte-order mark, a folder line and
+    lines naming nothing: one row each, and a rerun finds them all done."""
+    images = list(_good_images(6, seed=12).values())
+    shard, members = _tricky_tar(images)
+    data, more = tmp_path / "in", tmp_path / "more"
+    _write(data, {"shard.tar": shard})
+    _write(data / "sub", {"b.png": images[0]})
+    _write(tmp_path / "elsewhere", {"c.png": images[1]})
+    _write(more, {"d.png": images[2]})
+    os.symlink("..", data / "sub" / "loop")
+    os.symlink(tmp_path / "elsewhere", data / "linked")
+    with open(os.path.join(os.fsencode(data), b"caf\xe9.png"), "wb") as f:
+        f.write(images[3])
+    rng = np.random.default_rng(13)
+    frames = [Image.fromarray(_texture(rng, 40, 48)) for _ in range(3)]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 48 x 40, shown rotated a quarter turn: 40 x 48
+    gif, tiff, jpeg = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    frames[0].save(tiff, format="TIFF", save_all=True, append_images=frames[1:2])
+    frames[2].save(jpeg, format="JPEG", exif=exif, quality=95)
+    _write(data, {"anim.gif": gif.getvalue(), "pages.tiff": tiff.getvalue(), "rotated.jpg": jpeg.getvalue()})
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("more\nnothing/*.png\nmissing.png\n", encoding="utf-8-sig")
+    out = str(tmp_path / "scores")
+
+    summary = score([str(data), str(manifest)], checkpoint, out, batch_size=8, progress=False)
+    rows, _, _ = _rows(out)
+    tar = str(data / "shard.tar")
+    plain = {"sub/b.png": 1, "linked/c.png": 1, "caf\\xe9.png": 1, "anim.gif": 3, "pages.tiff": 2, "rotated.jpg": 1}
+    expected = ({(tar, k): v for k, v in members.items()}
+                | {(f"{data}/{name}", None): n for name, n in plain.items()}
+                | {(str(more / "d.png"), None): 1, (str(tmp_path / "nothing" / "*.png"), None): None,
+                   (str(tmp_path / "missing.png"), None): None})
+    assert set(rows) == set(expected)
+    failed = {k for k, r in rows.items() if r["error"]}
+    assert failed == {k for k, v in expected.items() if v is None}
+    assert (summary.scored, summary.errors) == (len(rows) - len(failed), len(failed))
+    for key, want in expected.items():
+        if key[0] == tar and want is not None:  # a tar row holds the bytes it was scored from
+            want = 1
+        assert rows[key]["frames"] == want, key
+    assert "matches no image file" in rows[(str(tmp_path / "nothing" / "*.png"), None)]["error"]
+    assert "file not found" in rows[(str(tmp_path / "missing.png"), None)]["error"]
+    assert "outside the archive" in rows[(tar, "escape.png")]["error"]
+    assert (rows[(f"{data}/rotated.jpg", None)]["width"], rows[(f"{data}/rotated.jpg", None)]["height"]) == (40, 48)
+    # Links are scored from their target member: the same score as the member itself.
+    assert rows[(tar, "h.png")]["image_score"] == rows[(tar, "a.png#2")]["image_score"]
+    assert rows[(tar, "inner.tar/y.png")]["image_score"] == rows[(tar, "inner.tar/x.png")]["image_score"]
+    assert rows[(f"{data}/caf\\xe9.png", None)]["image_score"] == rows[(tar, "inner.tar/x.png")]["image_score"]
+
+    again = score([str(data), str(manifest)], checkpoint, out, batch_size=8, progress=False)
+    assert (again.scored, again.errors, again.skipped) == (0, 0, len(rows))
+    assert set(_rows(out)[0]) == set(expected)
