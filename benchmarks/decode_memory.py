@@ -1,6 +1,6 @@
 """Peak memory of decoding one large image, in bytes per image pixel, measured in a fresh process.
 
-Each case runs `ssm.data.decode_for` on a generated PNG and JPEG in a subprocess and reports the rise of
+Each case runs `ssm.data.decode_for` on a generated PNG (RGB and RGBA) and JPEG in a subprocess and reports the rise of
 the process's peak resident memory (VmHWM in /proc/self/status, Linux) over what it held just before decoding (the
 imports and the file's bytes, which the scoring job holds too). Cases: a model that takes 256 x 256
 images (decoded reduced), a tiled model at scale 0.5 (reduced), at scale 1 (no reduction possible), and
@@ -57,10 +57,12 @@ def make_images(folder: str, megapixels: float) -> dict[str, str]:
     rgb = ((rgb * 0.4 + 0.5) * 255 + rng.normal(0, 4, (1, side, 3))).clip(0, 255).astype(np.uint8)
     im = Image.fromarray(rgb)
     paths = {}
-    for fmt, kwargs in (("PNG", {"compress_level": 1}), ("JPEG", {"quality": 90})):
+    rgba = Image.fromarray(np.dstack([rgb, rgb[..., 0]]))
+    for fmt, image, kwargs in (("PNG", im, {"compress_level": 1}), ("JPEG", im, {"quality": 90}),
+                               ("RGBA", rgba, {"format": "PNG", "compress_level": 1})):
         buf = io.BytesIO()
-        im.save(buf, format=fmt, **kwargs)
-        paths[fmt] = os.path.join(folder, f"large.{fmt.lower()}")
+        image.save(buf, **{"format": fmt, **kwargs})
+        paths[fmt] = os.path.join(folder, f"large-{fmt.lower()}.{kwargs.get('format', fmt).lower()}")
         with open(paths[fmt], "wb") as f:
             f.write(buf.getvalue())
     return paths

@@ -57,6 +57,7 @@ from ray.data.block import BlockAccessor
 from jobs import storage
 from ssm.calibration import heatmap_to_uint8
 from ssm.checkpoint import CheckpointError, load_checkpoint
+from ssm import data as ssm_data
 from ssm.data import IMAGE_EXTENSIONS, DataError, decode_for
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,16 @@ SCHEMA = pa.schema(
 )
 
 _FILES_PER_UNIT = 32  # image files per decode task; each tar shard gets a task of its own
-# Memory reserved per decode task: the worker holds torch (ssm imports it) and a unit's decoded images,
-# about 400 MB measured. Declaring it also keeps Ray from fusing decoding into the scoring actors, which
-# it does when both ask for the same resources.
-_DECODE_MEMORY = 512 << 20
+# Memory reserved per decode task (see decode_memory): the worker process itself, which holds torch (ssm
+# imports it), about 400 MB measured; the decoded rows it holds before yielding them (at most
+# _DECODE_HELD_BYTES for a tiled model); and the peak of decoding one image at ssm.data.MAX_IMAGE_PIXELS,
+# in bytes per pixel as measured by benchmarks/decode_memory.py: whole-image models decode large images
+# reduced (RGB PNG 4.2, RGBA PNG 8.x, JPEG 0.5); a tiled model with scale > 0.25 cannot be reduced (28).
+# Declaring it also keeps Ray from fusing decoding into the scoring actors, which it does when both ask
+# for the same resources.
+_DECODE_WORKER_MEMORY = 400 << 20
+_DECODE_HELD_BYTES = 256 << 20
+_DECODE_PEAK_PER_PIXEL = {"reduced": 9, "full": 28}
 _MAX_MEMBER_BYTES = 1 << 30  # a tar member larger than this is an error row, not read into memory
 _GLOB_CHARS = "*?["
 # Fault injection for the tests: "N:MARKER" makes a scoring actor exit hard after N batches, once (the
@@ -572,6 +579,32 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
     return column
 
 
+def decode_memory(model_config, rows: int) -> int:
+    """Bytes one decode task can take: worker, rows held, and decoding one image of MAX_IMAGE_PIXELS pixels."""
+    full = _DECODE_PEAK_PER_PIXEL["full"]
+    if not model_config.tiled or int(1 / (model_config.scale * ssm_data.REDUCING_GAP)) >= 2:
+        peak = max(_DECODE_PEAK_PER_PIXEL["reduced"] * ssm_data.MAX_IMAGE_PIXELS, full * ssm_data.REDUCE_FROM_PIXELS)
+    else:
+        peak = full * ssm_data.MAX_IMAGE_PIXELS
+    if model_config.tiled:
+        held = _DECODE_HELD_BYTES
+    else:
+        held = rows * model_config.channels * model_config.img_size**2 * 4
+    return _DECODE_WORKER_MEMORY + held + peak
+
+
+def _decode_reservation(model_config, rows: int) -> int:
+    """decode_memory, but never more than half the memory of the cluster's largest node (a task that asks
+    for more than any node has would wait forever)."""
+    need = decode_memory(model_config, rows)
+    node = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if node and need > node // 2:
+        log.warning("decoding may take %.1f GB per task (images up to ssm.data.MAX_IMAGE_PIXELS); reserving "
+                    "%.1f GB, half the largest node's memory", need / 1e9, node / 2e9)
+        return int(node // 2)
+    return need
+
+
 def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Iterator[dict]:
     """Read and decode the work units of one block; yield batches of `rows` rows (fewer at the end).
 
@@ -584,11 +617,16 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
     out: dict[str, list] = {k: [] for k in ("path", "member", "pixels", "width", "height", "frames", "error")}
     side = 1 if model_config.tiled else model_config.img_size
     blank = np.zeros((model_config.channels, side, side), np.float32)
+    held = [0]  # bytes of pixels in `out`: a tiled model's images are yielded once they pass _DECODE_HELD_BYTES
 
     def add(path, member, pixels, w, h, frames, error):
         row = (row_key(path), member or "", blank if pixels is None else pixels, w, h, frames, row_key(error or ""))
         for k, v in zip(out, row):
             out[k].append(v)
+        held[0] += row[2].nbytes
+
+    def full() -> bool:
+        return len(out["path"]) >= rows or held[0] >= _DECODE_HELD_BYTES
 
     def flush() -> dict:
         b = {
@@ -602,6 +640,7 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
         }
         for v in out.values():
             v.clear()
+        held[0] = 0
         return b
 
     for kind, uris, skip in zip(batch["kind"], batch["uris"], batch["skip"]):
@@ -612,7 +651,7 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
                     add(uri, member, *_decode(data, model_config, f"{member} in {uri}"))
                 else:
                     add(uri, member, None, -1, -1, -1, error)
-                if len(out["path"]) >= rows:
+                if full():
                     yield flush()
             continue
         for uri in json.loads(uris):
@@ -622,7 +661,7 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
                 add(uri, None, None, -1, -1, -1, _unreadable(uri, e))
             else:
                 add(uri, None, *_decode(data, model_config, uri))
-            if len(out["path"]) >= rows:
+            if full():
                 yield flush()
     if out["path"]:
         yield flush()
@@ -918,7 +957,7 @@ def score(
             batch_size=None,  # one work unit (a tar shard, or a few dozen files) per task
             fn_kwargs={"model_config": ckpt.model_config, "rows": batch_size},
             num_cpus=1,
-            memory=_DECODE_MEMORY,
+            memory=_decode_reservation(ckpt.model_config, batch_size),
             runtime_env=runtime_env,
         )
         ds = ds.map_batches(

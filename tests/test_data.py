@@ -416,23 +416,23 @@ def test_exif_orientation_is_applied_to_pixels_and_size(orientation, bright):
 
 def test_large_images_decode_reduced_close_to_the_full_decode(monkeypatch):
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:900, 0:1200] / 300.0
+    yy, xx = np.mgrid[0:360, 0:480] / 120.0
     smooth = np.stack([np.sin(xx * 3 + yy), np.cos(yy * 2), np.sin(xx + yy * 4)], -1) * 0.4 + 0.5
     rgb = np.clip(smooth * 255 + rng.normal(0, 3, smooth.shape), 0, 255).astype(np.uint8)
-    rgba = np.dstack([rgb, np.full((900, 1200), 128, np.uint8)])
+    rgba = np.dstack([rgb, np.full((360, 480), 128, np.uint8)])
     sources = {"png": _encoded(Image.fromarray(rgb), "PNG"), "jpeg": _encoded(Image.fromarray(rgb), "JPEG", quality=95),
                "rgba": _encoded(Image.fromarray(rgba), "PNG"), "palette": _encoded(Image.fromarray(rgb).convert("P"), "PNG")}
     for name, raw in sources.items():
-        for kwargs in ({"size": 64}, {"size": None, "scale": 0.1}):
-            full, size = decode_image(raw, 3, **kwargs)  # 1.08 MP: below REDUCE_FROM_PIXELS, decoded whole
+        for kwargs in ({"size": 32}, {"size": None, "scale": 0.1}):
+            full, size = decode_image(raw, 3, **kwargs)  # below REDUCE_FROM_PIXELS: decoded whole
             monkeypatch.setattr(data, "REDUCE_FROM_PIXELS", 0)
             reduced, size_r = decode_image(raw, 3, **kwargs)
             monkeypatch.undo()
-            assert size == size_r == (1200, 900) and reduced.shape == full.shape
+            assert size == size_r == (480, 360) and reduced.shape == full.shape
             assert not np.array_equal(reduced, full), name  # the reduced path was taken
             assert np.abs(reduced - full).mean() < 0.01 and np.abs(reduced - full).max() < 0.1, name
     # No reduction when the model does not shrink the image by more than REDUCING_GAP: the same bytes out.
     monkeypatch.setattr(data, "REDUCE_FROM_PIXELS", 0)
-    small = decode_image(sources["png"], 3, 512)[0]
+    small = decode_image(sources["png"], 3, 128)[0]
     monkeypatch.undo()
-    assert np.array_equal(small, decode_image(sources["png"], 3, 512)[0])
+    assert np.array_equal(small, decode_image(sources["png"], 3, 128)[0])
