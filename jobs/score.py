@@ -85,12 +85,12 @@ _FILES_PER_UNIT = 32  # image files per decode task; each tar shard gets a task 
 # imports it), about 400 MB measured; the decoded rows it holds before yielding them (at most
 # _DECODE_HELD_BYTES for a tiled model); and the peak of decoding one image at ssm.data.MAX_IMAGE_PIXELS,
 # in bytes per pixel as measured by benchmarks/decode_memory.py: whole-image models decode large images
-# reduced (RGB PNG 4.2, RGBA PNG 8.x, JPEG 0.5); a tiled model with scale > 0.25 cannot be reduced (28).
+# reduced (RGB PNG 4.2, RGBA PNG 8.0, JPEG 0.4); a tiled model with scale > 0.25 cannot be (28 RGB, 32 RGBA).
 # Declaring it also keeps Ray from fusing decoding into the scoring actors, which it does when both ask
 # for the same resources.
 _DECODE_WORKER_MEMORY = 400 << 20
 _DECODE_HELD_BYTES = 256 << 20
-_DECODE_PEAK_PER_PIXEL = {"reduced": 9, "full": 28}
+_DECODE_PEAK_PER_PIXEL = {"reduced": 8, "full": 32}
 _MAX_MEMBER_BYTES = 1 << 30  # a tar member larger than this is an error row, not read into memory
 _GLOB_CHARS = "*?["
 # Fault injection for the tests: "N:MARKER" makes a scoring actor exit hard after N batches, once (the
