@@ -13,7 +13,10 @@ the WebDataset convention) and .txt/.lst manifests with one path or URI per line
 globs keep files with an image extension (ssm.data.IMAGE_EXTENSIONS) or a tar extension.
 
 Every input image ends up in exactly one row: scored, or with `error` saying why not (corrupt, truncated,
-empty, not an image, too many pixels, unreadable, a corrupt tar). Rerunning the same command resumes: the
+empty, not an image, too many pixels, unreadable, a corrupt tar, a dangling link, a manifest line naming
+nothing). Symlinked folders are followed (each folder once); tar links are scored from their target; tars
+inside tars are read (keys "inner.tar/member"); a repeated member name is keyed "NAME#2"...; names that are
+not UTF-8 are written escaped (row_key). An argument that yields no image at all is refused before any work. Rerunning the same command resumes: the
 keys (path, member) already in OUT are skipped, unreadable files there are set aside, and new files get
 new names. Retried tasks rewrite the same file name (it is a digest of the rows' keys), so a write that
 is repeated after a crash replaces itself instead of doubling its rows.

@@ -204,11 +204,17 @@ def decode_image(
                         f"{MAX_IMAGE_PIXELS:,} allowed (a decompression-bomb guard); shrink the image or raise "
                         f"ssm.data.MAX_IMAGE_PIXELS."
                     )
-                n_frames = getattr(im, "n_frames", 1)
-                if n_frames > 1:
+                try:
+                    n_frames = getattr(im, "n_frames", 1)
+                except (*_DECODE_ERRORS, IndexError):  # later frames truncated: frame 0 may still decode
+                    n_frames = 1
+                if n_frames > 1 or im.tell():
                     im.seek(0)
                 fmt = im.format
-                orientation = im.getexif().get(_ORIENTATION, 1)
+                try:
+                    orientation = im.getexif().get(_ORIENTATION, 1)
+                except _DECODE_ERRORS:  # broken EXIF does not make the pixels unreadable
+                    orientation = 1
                 if orientation in (5, 6, 7, 8):
                     width, height = height, width  # as a viewer shows it
                 # The size the model takes, in the file's own (unrotated) orientation.
