@@ -211,13 +211,8 @@ def decode_image(
                 if n_frames > 1 or im.tell():
                     im.seek(0)
                 fmt = im.format
-                try:
-                    orientation = im.getexif().get(_ORIENTATION, 1)
-                except _DECODE_ERRORS:  # broken EXIF does not make the pixels unreadable
-                    orientation = 1
-                if orientation in (5, 6, 7, 8):
-                    width, height = height, width  # as a viewer shows it
-                # The size the model takes, in the file's own (unrotated) orientation.
+                # The size the model takes, in the file's own orientation (the same either way round: a
+                # square, or the image scaled with its aspect ratio kept).
                 if size is not None:
                     target = (size, size)
                 elif scale is not None and scale < 1.0:
@@ -226,16 +221,20 @@ def decode_image(
                     target = None
                 if width * height <= REDUCE_FROM_PIXELS:
                     target = None
-                if target is not None and (width, height) != im.size:
-                    target = target[::-1]
                 if target is not None and fmt == "JPEG":
                     wanted = (round(target[0] * REDUCING_GAP), round(target[1] * REDUCING_GAP))
                     if min(im.width // wanted[0], im.height // wanted[1]) >= 2:
                         im.draft(im.mode, wanted)
                 im.load()
+                try:  # after load: PNG finds its EXIF anywhere in the file
+                    orientation = im.getexif().get(_ORIENTATION, 1)
+                except _DECODE_ERRORS:  # broken EXIF does not make the pixels unreadable
+                    orientation = 1
                 if target is not None:
                     im = _reduce(im, max(1, int(im.width / target[0] / REDUCING_GAP)),
                                  max(1, int(im.height / target[1] / REDUCING_GAP)))
+                if orientation in (5, 6, 7, 8):
+                    width, height = height, width  # as a viewer shows it
                 if orientation in (2, 3, 4, 5, 6, 7, 8):
                     im = ImageOps.exif_transpose(im)
                 a = _to_float(im, label, fmt)

@@ -402,7 +402,7 @@ def test_multi_frame_images_decode_frame_zero_and_count_frames(fmt):
 
 
 @pytest.mark.parametrize("orientation, bright", [(1, "left"), (3, "right"), (6, "top"), (8, "bottom")])
-def test_exif_orientation_is_applied_to_pixels_and_size(orientation, bright):
+def test_exif_orientation_is_applied_to_pixels_and_size(orientation, bright, monkeypatch):
     stored = np.zeros((20, 40), np.uint8)  # 40 wide, 20 high, the left quarter white
     stored[:, :10] = 255
     exif = Image.Exif()
@@ -415,6 +415,12 @@ def test_exif_orientation_is_applied_to_pixels_and_size(orientation, bright):
     assert {k for k, v in edges.items() if v.mean() > 0.9} == {bright}
     y, size = decode_image(raw, 1, None, scale=0.5)  # a tiled model's scale works on the upright image
     assert size == (w, h) and y.shape == (1, h // 2, w // 2)
+    monkeypatch.setattr(data, "REDUCE_FROM_PIXELS", 0)  # decoded reduced (JPEG draft): still upright
+    for fmt in ("JPEG", "PNG"):
+        raw = _encoded(Image.fromarray(np.kron(stored, np.ones((8, 8), np.uint8))), fmt, exif=exif)
+        y, size = decode_image(raw, 1, None, scale=1 / 16)
+        assert size == (w * 8, h * 8) and y.shape == (1, h // 2, w // 2)
+        assert y[0, :2].mean() > 0.9 if bright == "top" else y[0, :2].mean() < 0.9
 
 
 def test_large_images_decode_reduced_close_to_the_full_decode(monkeypatch):
