@@ -13,13 +13,16 @@ the WebDataset convention) and .txt/.lst manifests with one path or URI per line
 globs keep files with an image extension (ssm.data.IMAGE_EXTENSIONS) or a tar extension.
 
 Every input image ends up in exactly one row: scored, or with `error` saying why not (corrupt, truncated,
-empty, not an image, too many pixels, unreadable, a corrupt tar, a dangling link, a manifest line naming
-nothing). Symlinked folders are followed (each folder once); tar links are scored from their target; tars
-inside tars are read (keys "inner.tar/member"); a repeated member name is keyed "NAME#2"...; names that are
-not UTF-8 are written escaped (row_key). An argument that yields no image at all is refused before any work. Rerunning the same command resumes: the
+empty, not an image, too many pixels, unreadable, a corrupt tar). Rerunning the same command resumes: the
 keys (path, member) already in OUT are skipped, unreadable files there are set aside, and new files get
 new names. Retried tasks rewrite the same file name (it is a digest of the rows' keys), so a write that
 is repeated after a crash replaces itself instead of doubling its rows.
+
+Listing rules (README, "Inputs of ssm score"): symlinked folders are followed, each folder once; tar links
+are scored from their target member (a dangling or escaping link is an error row); tars inside tars are
+read (keys "inner.tar/member"); a repeated member name is keyed "NAME#2", "NAME#3"...; names that are not
+UTF-8 are written escaped (row_key); a manifest line naming nothing is an error row; an argument that
+yields no image at all is refused before any work.
 
 Example (the CLI: ssm score INPUT... --checkpoint CKPT --out OUT):
 
@@ -58,9 +61,9 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from jobs import storage
+from ssm import data as ssm_data
 from ssm.calibration import heatmap_to_uint8
 from ssm.checkpoint import CheckpointError, load_checkpoint
-from ssm import data as ssm_data
 from ssm.data import IMAGE_EXTENSIONS, DataError, decode_for
 
 log = logging.getLogger(__name__)
@@ -430,8 +433,9 @@ def _tar_rows(tar: tarfile.TarFile, where: str, prefix: str, skip: set[str], key
     """(key, bytes, None) or (key, None, error) for each image of an open tar, in archive order, then its
     image-named links; (None, None, error) once for an archive-level problem, which ends the reading.
 
-    Keys are `prefix` + the member name as row_key writes it (made unique by `keys`); a tar member is read as a nested tar
-    with prefix "<its key>/". Regular members are remembered as (offset, size) so links can be resolved.
+    Keys are `prefix` + the member name as row_key writes it (made unique by `keys`); a tar member is read
+    as a nested tar with prefix "<its key>/". Regular members are remembered as (offset, size) so that
+    links, which may point forward, can be resolved at the end.
     """
     files: dict[str, tuple[int, int]] = {}  # normalised name -> (data offset, size) of regular members
     links: dict[str, tarfile.TarInfo] = {}  # normalised name -> link member

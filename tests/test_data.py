@@ -429,8 +429,10 @@ def test_large_images_decode_reduced_close_to_the_full_decode(monkeypatch):
     smooth = np.stack([np.sin(xx * 3 + yy), np.cos(yy * 2), np.sin(xx + yy * 4)], -1) * 0.4 + 0.5
     rgb = np.clip(smooth * 255 + rng.normal(0, 3, smooth.shape), 0, 255).astype(np.uint8)
     rgba = np.dstack([rgb, np.full((360, 480), 128, np.uint8)])
-    sources = {"png": _encoded(Image.fromarray(rgb), "PNG"), "jpeg": _encoded(Image.fromarray(rgb), "JPEG", quality=95),
-               "rgba": _encoded(Image.fromarray(rgba), "PNG"), "palette": _encoded(Image.fromarray(rgb).convert("P"), "PNG")}
+    sources = {"png": _encoded(Image.fromarray(rgb), "PNG"),
+               "jpeg": _encoded(Image.fromarray(rgb), "JPEG", quality=95),
+               "rgba": _encoded(Image.fromarray(rgba), "PNG"),
+               "palette": _encoded(Image.fromarray(rgb).convert("P"), "PNG")}
     for name, raw in sources.items():
         for kwargs in ({"size": 32}, {"size": None, "scale": 0.1}):
             full, size = decode_image(raw, 3, **kwargs)  # below REDUCE_FROM_PIXELS: decoded whole

@@ -357,8 +357,8 @@ def _link_tar(entries: list[tuple[str, str, bytes | str]]) -> bytes:
 
 def _tricky_tar(images: list[bytes]) -> tuple[bytes, dict[str, bytes | None]]:
     """A shard with duplicate names, links (good, dangling, escaping, cyclic, forward), a nested tar (and a
-    member named like one of its members), a nested corrupt tar and a member name that is not UTF-8; and each expected member key -> image bytes
-    (None for an error row)."""
+    member named like one of its members), a nested corrupt tar and a member name that is not UTF-8; and
+    each expected member key -> image bytes (None for an error row)."""
     inner = _link_tar([("file", "x.png", images[3]), ("sym", "y.png", "x.png")])
     odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes in a member name, read back as surrogate escapes
     entries = [
@@ -366,7 +366,8 @@ def _tricky_tar(images: list[bytes]) -> tuple[bytes, dict[str, bytes | None]]:
         ("sym", "dir/s.png", "../a.png"), ("hard", "h.png", "a.png"), ("sym", "fwd.png", "later.png"),
         ("sym", "dangling.png", "gone.png"), ("sym", "escape.png", "../../etc/passwd.png"),
         ("sym", "c1.png", "c2.png"), ("sym", "c2.png", "c1.png"),
-        ("file", "inner.tar", inner), ("file", "inner.tar/x.png", images[2]), ("file", "broken.tar", b"not a tar" * 200),
+        ("file", "inner.tar", inner), ("file", "inner.tar/x.png", images[2]),
+        ("file", "broken.tar", b"not a tar" * 200),
         ("file", odd, images[4]), ("file", "later.png", images[5]),
     ]
     keys = {
@@ -422,7 +423,8 @@ def test_listing_follows_symlinks_once_reads_manifests_and_names_empty_inputs(tm
     odd = os.path.join(os.fsencode(root), b"caf\xe9.png")  # a file name that is not UTF-8
     with open(odd, "wb") as f:
         f.write(png)
-    want = [str(root / "a.png"), str(root) + "/caf\\xe9.png", str(root / "linked" / "c.png"), str(root / "sub" / "b.png")]
+    want = [str(root / "a.png"), str(root) + "/caf\\xe9.png", str(root / "linked" / "c.png"),
+            str(root / "sub" / "b.png")]
     for given in (str(root), str(root / "**" / "*.png"), str(root / "**")):
         assert sorted(s.key for s in list_sources([given])) == sorted(want), given
     assert [s.key for s in list_sources([os.fsencode(odd)])] == [want[1]]  # a bytes path argument
@@ -503,3 +505,19 @@ def test_every_input_image_gets_one_row_through_the_job(tmp_path, checkpoint, ra
     again = score([str(data), str(manifest)], checkpoint, out, batch_size=8, progress=False)
     assert (again.scored, again.errors, again.skipped) == (0, 0, len(rows))
     assert set(_rows(out)[0]) == set(expected)
+
+
+def test_decode_tasks_yield_tiled_rows_by_bytes_held_and_size_their_reservation(tmp_path, monkeypatch):
+    from jobs import score as job
+
+    paths = _write(tmp_path, _good_images(6, seed=14))  # 40..56 x 48 px: 23..32 KB each as float32 RGB
+    tiled = ModelConfig(width=4, img_size=32, tiled=True, scale=1.0)
+    batch = {"kind": np.array(["images"]), "uris": np.array([json.dumps(paths)]), "skip": np.array(["[]"])}
+    assert [len(b["path"]) for b in job.decode_sources(batch, tiled, rows=32)] == [6]
+    monkeypatch.setattr(job, "_DECODE_HELD_BYTES", 60_000)
+    sizes = [len(b["path"]) for b in job.decode_sources(batch, tiled, rows=32)]
+    assert sum(sizes) == 6 and max(sizes) < 6  # yielded before `rows` was reached
+    whole = ModelConfig(width=4, img_size=32)
+    # The reservation covers decoding an image at the pixel limit: more for a tiled model that cannot reduce.
+    assert job.decode_memory(whole, 32) > 8 * 100_000_000 > job.decode_memory(whole, 32) - (600 << 20)
+    assert job.decode_memory(tiled, 32) > 32 * 100_000_000
