@@ -532,7 +532,7 @@ def _nested_tar(tar: tarfile.TarFile, info: tarfile.TarInfo, key: str, where: st
             return
         yield key, None, (
             f"{inner_where}: cannot read this tar inside the archive ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}) after "
+            f"{' '.join(str(e).split())}) after "
             f"{count} members; re-create it."
         )
 
@@ -572,6 +572,8 @@ def _unreadable(uri: str, e: Exception) -> str:
     """The error row's message for a file that cannot be read (named in a manifest, or gone since listing)."""
     if isinstance(e, IsADirectoryError) or (not storage.is_remote(uri) and os.path.isdir(uri)):
         return f"{uri}: a folder with no images in it (extensions {', '.join(IMAGE_EXTENSIONS)}, or tar archives)."
+    if not storage.is_remote(uri) and os.path.islink(uri) and not os.path.exists(uri):
+        return f"{uri}: a symlink to {os.readlink(uri)}, which does not exist; fix or remove the link."
     if isinstance(e, FileNotFoundError) and any(c in uri for c in _GLOB_CHARS):
         return f"{uri}: matches no image file; check the pattern."
     if isinstance(e, FileNotFoundError):

@@ -221,7 +221,7 @@ def decode_image(
                     target = None
                 if width * height <= REDUCE_FROM_PIXELS:
                     target = None
-                if target is not None and fmt == "JPEG":
+                if target is not None and fmt in ("JPEG", "MPO"):  # MPO: cameras' multi-picture JPEG
                     wanted = (round(target[0] * REDUCING_GAP), round(target[1] * REDUCING_GAP))
                     if min(im.width // wanted[0], im.height // wanted[1]) >= 2:
                         im.draft(im.mode, wanted)
