@@ -52,7 +52,8 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Imag
 # Image.draft; other formats: Image.reduce, a box filter on the 8-bit pixels, before the float conversion)
 # to no less than this many times the target size; the antialiased resize does the rest. Images that need
 # less shrinking than this, or have at most REDUCE_FROM_PIXELS pixels, take exactly the unreduced path (so
-# the usual datasets decode as they always did; unreduced decoding peaks at about 28 bytes a pixel).
+# the usual datasets decode as they always did; unreduced decoding peaks at 28 (RGB) to 32 (RGBA) bytes a
+# pixel, reduced at 8 or less: benchmarks/decode_memory.py).
 REDUCING_GAP = 2.0
 REDUCE_FROM_PIXELS = 1 << 22
 # Modes Image.reduce averages correctly: RGBA and LA are premultiplied first (RGBa, La) so the average is
@@ -173,8 +174,8 @@ def decode_image(
     `size` None the array keeps the image's aspect ratio: its original height and width, or both
     multiplied by `scale` when given.
     EXIF orientation is applied first (ImageOps.exif_transpose): pixels, width and height are upright.
-    An image that will be shrunk by more than REDUCING_GAP is decoded reduced (JPEG draft mode, else
-    Image.reduce on the 8-bit pixels), which bounds the memory a large image takes.
+    An image of more than REDUCE_FROM_PIXELS pixels that will be shrunk by REDUCING_GAP or more is decoded
+    reduced (JPEG draft mode, else Image.reduce on the 8-bit pixels), which bounds the memory it takes.
     8-bit modes are scaled by 255, 16-bit integer modes by 65535, 32-bit integer by 2**31 - 1; float images
     are clipped to [0, 1]. Palette and CMYK images become RGB; alpha is dropped by compositing onto black.
     channels=3 repeats a grayscale image to three channels; channels=1 turns colour into luma (ITU-R 601-2).
