@@ -157,9 +157,14 @@ def _named(uri: str) -> Source:
 
 def _walk_local(root: str) -> Iterator[Source]:
     """Image and tar files under `root`, following symlinked folders; a folder reached twice (a link
-    back up the tree, two links to one folder) is read only the first time."""
+    back up the tree, two links to one folder) is read only the first time. A folder that cannot be
+    listed (permissions) raises, so that list_sources names it instead of skipping its images."""
     visited: set[tuple[int, int]] = set()
-    for folder, subdirs, files in os.walk(root, followlinks=True):
+
+    def unreadable(e: OSError):  # a folder that cannot be listed stops the job, naming it, not skipped
+        raise e
+
+    for folder, subdirs, files in os.walk(root, followlinks=True, onerror=unreadable):
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in visited:
             subdirs[:] = []

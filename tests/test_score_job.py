@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -440,6 +441,18 @@ def test_listing_follows_symlinks_once_reads_manifests_and_names_empty_inputs(tm
     listed = [s.key for s in list_sources([str(manifest)])]
     assert listed == [str(root / "a.png"), str(tmp_path / "elsewhere" / "c.png"), str(root / "sub" / "b.png"),
                       str(tmp_path / "nothing" / "*.png"), str(tmp_path / "missing.png")]
+
+    # A folder that cannot be listed (here: removed while the walk is under way) is an error, not a skip.
+    from jobs.score import _walk_local
+
+    gone = tmp_path / "gone"
+    _write(gone / "inner", {"b.png": png})
+    _write(gone, {"a.png": png})
+    walk = _walk_local(str(gone))
+    assert next(walk).key == str(gone / "a.png")
+    shutil.rmtree(gone / "inner")
+    with pytest.raises(FileNotFoundError, match="inner"):
+        next(walk)
 
     # An argument that yields nothing stops the job before any work, naming it, even beside good inputs.
     (tmp_path / "empty").mkdir()
