@@ -20,6 +20,12 @@ scored, transient errors are retried and their old rows removed (the contract: j
 Retried tasks rewrite the same file name (it is a digest of the rows' keys), so a write that is repeated
 after a crash replaces itself instead of doubling its rows. One job per OUT: a second is refused.
 
+Listing rules (README, "Inputs of ssm score"): symlinked folders are followed, each folder once; tar links
+are scored from their target member (a dangling or escaping link is an error row); tars inside tars are
+read (keys "inner.tar/member"); a repeated member name is keyed "NAME#2", "NAME#3"...; names that are not
+UTF-8 are written escaped (row_key); a manifest line naming nothing is an error row; an argument that
+yields no image at all is refused before any work.
+
 Example (the CLI: ssm score INPUT... --checkpoint CKPT --out OUT):
 
     summary = score(["s3://bucket/images/", "shards/*.tar"], "runs/ssm/best", "s3://bucket/scores/")
@@ -32,6 +38,7 @@ Each file's schema metadata holds b"ssm": {"threshold", "heatmap_vmin", "heatmap
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import json
@@ -66,6 +73,7 @@ from jobs.score_output import (
     supersede,
     write_part,
 )
+from ssm import data as ssm_data
 from ssm.calibration import heatmap_to_uint8
 from ssm.checkpoint import CheckpointError, load_checkpoint
 from ssm.data import IMAGE_EXTENSIONS, DataError, decode_for
@@ -75,10 +83,16 @@ log = logging.getLogger(__name__)
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 MANIFEST_EXTENSIONS = (".txt", ".lst")
 _FILES_PER_UNIT = 32  # image files per decode task; each tar shard gets a task of its own
-# Memory reserved per decode task: the worker holds torch (ssm imports it) and a unit's decoded images,
-# about 400 MB measured. Declaring it also keeps Ray from fusing decoding into the scoring actors, which
-# it does when both ask for the same resources.
-_DECODE_MEMORY = 512 << 20
+# Memory reserved per decode task (see decode_memory): the worker process itself, which holds torch (ssm
+# imports it), about 400 MB measured; the decoded rows it holds before yielding them (at most
+# _DECODE_HELD_BYTES for a tiled model); and the peak of decoding one image at ssm.data.MAX_IMAGE_PIXELS,
+# in bytes per pixel as measured by benchmarks/decode_memory.py: whole-image models decode large images
+# reduced (RGB PNG 4.2, RGBA PNG 8.0, JPEG 0.4); a tiled model with scale > 0.25 cannot be (28 RGB, 32 RGBA).
+# Declaring it also keeps Ray from fusing decoding into the scoring actors, which it does when both ask
+# for the same resources.
+_DECODE_WORKER_MEMORY = 400 << 20
+_DECODE_HELD_BYTES = 256 << 20
+_DECODE_PEAK_PER_PIXEL = {"reduced": 8, "full": 32}
 _MAX_MEMBER_BYTES = 1 << 30  # a tar member larger than this is an error row, not read into memory
 _GLOB_CHARS = "*?["
 # Fault injection for the tests: "N:MARKER" makes a scoring actor exit hard after N batches, once (the
@@ -90,10 +104,34 @@ _EXIT_AFTER_ENV = "SSM_SCORE_EXIT_AFTER_BATCHES"
 # Listing the inputs (driver)
 
 
+def row_key(name: str) -> str:
+    """`name` (a path, URI or tar member name) as written in the output's path and member columns.
+
+    Names that are valid UTF-8 are written as they are. A name that is not (a local file name or tar
+    member holding other bytes, which Python reads as surrogate escapes) is written with its bytes that are
+    not UTF-8 as \\xNN and its backslashes doubled, Python's escape form: the original bytes are
+    codecs.escape_decode(key.encode())[0], e.g. os.fsdecode(...) of them opens the file.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        try:
+            raw = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # lone surrogates that are not escaped bytes
+            raw = name.encode("utf-8", "surrogatepass")
+        return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True)
 class Source:
-    uri: str  # absolute local path or scheme://bucket/key
+    uri: str  # absolute local path or scheme://bucket/key, as read (may hold surrogate escapes)
     kind: str  # "image" or "tar"
+
+    @property
+    def key(self) -> str:
+        """The output's path for this source (see row_key)."""
+        return row_key(self.uri)
 
 
 def _kind(name: str) -> str | None:
@@ -114,7 +152,20 @@ def _named(uri: str) -> Source:
 
 
 def _walk_local(root: str) -> Iterator[Source]:
-    for folder, subdirs, files in os.walk(root):
+    """Image and tar files under `root`, following symlinked folders; a folder reached twice (a link
+    back up the tree, two links to one folder) is read only the first time. A folder that cannot be
+    listed (permissions) raises, so that list_sources names it instead of skipping its images."""
+    visited: set[tuple[int, int]] = set()
+
+    def unreadable(e: OSError):  # a folder that cannot be listed stops the job, naming it, not skipped
+        raise e
+
+    for folder, subdirs, files in os.walk(root, followlinks=True, onerror=unreadable):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in visited:
+            subdirs[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         for f in sorted(files):
             kind = _kind(f)
@@ -122,21 +173,44 @@ def _walk_local(root: str) -> Iterator[Source]:
                 yield Source(os.path.join(folder, f), kind)
 
 
+def _manifest_line(uri: str) -> Iterator[Source]:
+    """What one manifest line names: a file (scored whatever its extension), or the images of a folder
+    (local; s3:// when the line ends with "/") or glob. A line that names nothing is still yielded as a
+    file, so that it becomes an error row saying so."""
+    remote = storage.is_remote(uri)
+    path = uri.split("://", 1)[1] if remote else uri
+    pattern = any(c in path for c in _GLOB_CHARS) and not (not remote and os.path.isfile(uri))
+    if not (pattern or (uri.endswith("/") if remote else os.path.isdir(uri))):
+        yield _named(uri)
+        return
+    found = False
+    try:
+        for source in _expand(uri):
+            found = True
+            yield source
+    except DataError:
+        pass
+    if not found:
+        yield Source(uri, "image")
+
+
 def _read_manifest(fs, path: str, uri: str) -> Iterator[Source]:
+    """The sources named by a manifest: UTF-8 (a byte-order mark is ignored; bytes that are not UTF-8 are
+    kept as surrogate escapes, so such file names still open), one path, URI, folder or glob a line."""
     base = uri.rsplit("/", 1)[0] if storage.is_remote(uri) else os.path.dirname(path)
-    with fs.open(path, "r", encoding="utf-8") as f:
+    with fs.open(path, "r", encoding="utf-8-sig", errors="surrogateescape") as f:
         for line in f:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             if storage.is_remote(line):
-                yield _named(line)
+                yield from _manifest_line(line)
             elif "://" in line:  # file://
-                yield _named(os.path.abspath(line.split("://", 1)[1]))
+                yield from _manifest_line(os.path.abspath(line.split("://", 1)[1]))
             elif storage.is_remote(uri):  # relative to the manifest's prefix
-                yield _named(f"{base}/{line.lstrip('/')}")
+                yield from _manifest_line(f"{base}/{line.lstrip('/')}")
             else:  # relative to the manifest's folder, unless absolute
-                yield _named(os.path.abspath(os.path.join(base, os.path.expanduser(line))))
+                yield from _manifest_line(os.path.abspath(os.path.join(base, os.path.expanduser(line))))
 
 
 def _expand(given: str) -> Iterator[Source]:
@@ -147,11 +221,13 @@ def _expand(given: str) -> Iterator[Source]:
     def uri(p: str) -> str:
         return scheme + p if remote else os.path.abspath(p)
 
-    if any(c in path for c in _GLOB_CHARS):
+    if any(c in path for c in _GLOB_CHARS) and not (not remote and os.path.isfile(path)):
         if remote:  # one listing with the types, not one request per match
             matches = sorted((p, info["type"] == "directory") for p, info in fs.glob(path, detail=True).items())
         else:
-            matches = [(p, os.path.isdir(p)) for p in sorted(glob.glob(path, recursive=True))]
+            # Shallowest first: a file also reached through a loop of symlinked folders keeps its short path.
+            found = sorted(glob.glob(path, recursive=True), key=lambda p: (p.count(os.sep), p))
+            matches = [(p, os.path.isdir(p)) for p in found]
         for m, is_dir in matches:
             if is_dir:
                 yield from _expand(uri(m))
@@ -174,27 +250,49 @@ def _expand(given: str) -> Iterator[Source]:
         else:
             yield _named(uri(path))
         return
-    raise DataError(f"{given}: input not found; check the path or URI.")
+    raise DataError(f"{row_key(given)}: input not found; check the path or URI.")
+
+
+def _identity(source: Source) -> str | tuple[str, str]:
+    """What makes two listed sources the same file: the URI, or for a local file its real folder and
+    name (a file reached through symlinked folders or a loop of them is listed once, under the first path
+    found; a symlink to a file in another folder is a file of its own)."""
+    if storage.is_remote(source.uri):
+        return source.uri
+    folder, name = os.path.split(source.uri)
+    return _realpath(folder), name
+
+
+_realpath = functools.lru_cache(maxsize=4096)(os.path.realpath)
 
 
 def list_sources(inputs: Sequence[str]) -> list[Source]:
-    """The image files and tar shards named by `inputs`, each once, in a stable order."""
-    found: dict[str, Source] = {}
+    """The image files and tar shards named by `inputs`, each once, in a stable order.
+
+    Raises DataError naming the first input that yields no image or tar at all (a glob that matches
+    nothing, an empty folder or manifest), before anything is scored.
+    """
+    found: dict[str | tuple[str, str], Source] = {}
     for given in inputs:
+        given = os.fspath(given)
+        if isinstance(given, bytes):
+            given = os.fsdecode(given)
+        n = 0
         try:
-            for source in _expand(os.fspath(given)):
-                found.setdefault(source.uri, source)
+            for source in _expand(given):
+                n += 1
+                found.setdefault(_identity(source), source)
         except DataError:
             raise
         except Exception as e:  # permissions, a missing bucket, bad credentials...
             raise DataError(
-                f"{given}: cannot list this input ({type(e).__name__}: {e}); check the path and access."
+                f"{row_key(given)}: cannot list this input ({type(e).__name__}: {e}); check the path and access."
             ) from e
-    if not found:
-        raise DataError(
-            f"no images found in {', '.join(map(str, inputs))} (extensions {', '.join(IMAGE_EXTENSIONS)}, "
-            f"or tar archives); check the inputs."
-        )
+        if n == 0:
+            raise DataError(
+                f"{row_key(given)}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}, or tar archives); "
+                f"check the input."
+            )
     return list(found.values())
 
 
@@ -210,18 +308,18 @@ def _plan_units(sources: Sequence[Source], done: set[tuple[str, str]]) -> tuple[
     so that only the missing ones are decoded. Lists travel as JSON strings.
     """
     by_tar: dict[str, list[str]] = {}
-    tars = {s.uri for s in sources if s.kind == "tar"}
+    tars = {s.key for s in sources if s.kind == "tar"}
     for path, member in done:
         if member and path in tars:
             by_tar.setdefault(path, []).append(member)
     images, units, skipped = [], [], 0
     for s in sources:
-        if (s.uri, "") in done:
+        if (s.key, "") in done:
             skipped += 1
         elif s.kind == "image":
             images.append(s.uri)
         else:
-            members = sorted(by_tar.get(s.uri, []))
+            members = sorted(by_tar.get(s.key, []))
             skipped += len(members)
             units.append({"kind": "tar", "uris": json.dumps([s.uri]), "skip": json.dumps(members)})
     for i in range(0, len(images), _FILES_PER_UNIT):
@@ -248,53 +346,188 @@ def _open_binary(uri: str):
     return fs.open(path, "rb")
 
 
+_MAX_TAR_DEPTH = 4  # tars inside tars are read this deep; deeper ones are an error row
+_MAX_LINK_HOPS = 16  # a chain of links longer than this (or a cycle) is an error row
+
+
+class _Keys:
+    """Unique member keys within one archive: a name seen before gets "#2", "#3"... (the first free one)."""
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def __call__(self, prefix: str, name: str) -> str:
+        name = prefix + row_key(name)
+        key, n = name, 1
+        while key in self.used:
+            n += 1
+            key = f"{name}#{n}"
+        self.used.add(key)
+        return key
+
+
+def _link_target(info: tarfile.TarInfo) -> str | None:
+    """The normalised name a link member points at; None when it points outside the archive."""
+    if info.issym():
+        if info.linkname.startswith("/"):
+            return None
+        target = posixpath.normpath(posixpath.join(posixpath.dirname(info.name), info.linkname))
+    else:  # hard links name their target from the archive's root
+        target = posixpath.normpath(info.linkname.lstrip("/"))
+    return None if target == ".." or target.startswith("../") else target
+
+
+def _tar_rows(tar: tarfile.TarFile, where: str, prefix: str, skip: set[str], keys: _Keys, depth: int
+              ) -> Iterator[tuple[str | None, bytes | None, str | None]]:
+    """(key, bytes, None) or (key, None, error) for each image of an open tar, in archive order, then its
+    image-named links; (None, None, error) once for an archive-level problem, which ends the reading.
+
+    Keys are `prefix` + the member name as row_key writes it (made unique by `keys`); a tar member is read
+    as a nested tar with prefix "<its key>/". Regular members are remembered as (offset, size) so that
+    links, which may point forward, can be resolved at the end.
+    """
+    files: dict[str, tuple[int, int]] = {}  # normalised name -> (data offset, size) of regular members
+    links: dict[str, tarfile.TarInfo] = {}  # normalised name -> link member
+    pending: list[tuple[str, tarfile.TarInfo]] = []  # (key, link member) of image-named links
+    count, truncated = 0, False
+    while True:
+        info = tar.next()
+        if info is None:
+            break
+        tar.members.clear()  # tarfile keeps every header it saw; we never look back
+        name, kind = posixpath.normpath(info.name), _kind(info.name)
+        if info.isfile():
+            files[name] = (info.offset_data, info.size)
+        elif info.issym() or info.islnk():
+            links[name] = info
+        if kind is None or not (info.isfile() or info.issym() or info.islnk()):
+            continue
+        key = keys(prefix, info.name)
+        count += 1
+        if info.issym() or info.islnk():
+            if kind == "image":
+                pending.append((key, info))
+            continue  # a link to a tar: its images are read where the tar itself is
+        if key in skip:
+            continue
+        if info.size > _MAX_MEMBER_BYTES and kind == "image":
+            yield key, None, f"{info.name} in {where}: member of {info.size:,} bytes is too large to score."
+            continue
+        if kind == "tar":
+            yield from _nested_tar(tar, info, key, where, skip, keys, depth)
+            continue
+        data = tar.extractfile(info).read()
+        if len(data) != info.size:
+            yield key, None, f"{info.name} in {where}: the archive is truncated; re-create the tar."
+            truncated = True
+            break
+        yield key, data, None
+    # tarfile ends quietly at a header it cannot parse: tell that apart from the end of the archive.
+    tar.fileobj.seek(tar.offset)
+    if not truncated and tar.fileobj.read(1024).strip(b"\0"):
+        yield None, None, (
+            f"{where}: corrupt tar archive (invalid header at byte {tar.offset} after {count} image "
+            f"and tar members); the rest was not read: re-create the archive."
+        )
+    for key, info in pending:
+        if key not in skip:
+            yield key, *_link_data(tar, info, files, links, where)
+
+
+def _link_data(tar: tarfile.TarFile, info: tarfile.TarInfo, files: dict, links: dict, where: str
+               ) -> tuple[bytes | None, str | None]:
+    """The bytes of the regular member a link (or a chain of links) points at, or the error."""
+    seen = info
+    for _ in range(_MAX_LINK_HOPS):
+        target = _link_target(seen)
+        if target is None:
+            return None, (f"{info.name} in {where}: a link to {info.linkname}, outside the archive; "
+                          f"store the file itself.")
+        if target in files:
+            offset, size = files[target]
+            if size > _MAX_MEMBER_BYTES:
+                return None, f"{info.name} in {where}: links to a member of {size:,} bytes, too large to score."
+            tar.fileobj.seek(offset)
+            data = tar.fileobj.read(size)
+            if len(data) != size:
+                return None, f"{info.name} in {where}: the archive is truncated; re-create the tar."
+            return data, None
+        if target not in links:
+            return None, (f"{info.name} in {where}: a link to {info.linkname}, which is not a file in the "
+                          f"archive; store the file itself.")
+        seen = links[target]
+    return None, f"{info.name} in {where}: a chain of links that does not end (a cycle?); store the file itself."
+
+
+def _nested_tar(tar: tarfile.TarFile, info: tarfile.TarInfo, key: str, where: str, skip: set[str],
+                keys: _Keys, depth: int) -> Iterator[tuple[str | None, bytes | None, str | None]]:
+    """The rows of a tar stored inside `tar`, read in place; a problem with it is one row keyed by it."""
+    if key in skip:  # its own error row is done: an earlier run could not read it
+        return
+    inner_where = f"{info.name} in {where}"
+    if depth + 1 >= _MAX_TAR_DEPTH:
+        yield key, None, f"{inner_where}: tar archives nested more than {_MAX_TAR_DEPTH} deep are not read."
+        return
+    count, failed = 0, False
+    try:
+        with tarfile.open(fileobj=tar.extractfile(info), mode="r:*") as inner:
+            for row in _tar_rows(inner, inner_where, key + "/", skip, keys, depth + 1):
+                if row[0] is None:  # the nested archive's own problem: a row keyed by it
+                    row, failed = (key, None, row[2]), True
+                count += 1
+                yield row
+    except Exception as e:  # tarfile.ReadError, EOFError, zlib/gzip errors
+        if failed:  # its one error row is written already
+            return
+        yield key, None, (
+            f"{inner_where}: cannot read this tar inside the archive ({type(e).__name__}: "
+            f"{' '.join(str(e).split())}) after "
+            f"{count} members; re-create it."
+        )
+
+
 def _tar_members(uri: str, skip: set[str]) -> Iterator[tuple[str | None, bytes | None, str | None]]:
-    """(member, bytes, None) for each image member of the tar not in `skip`; (member or None, None, error)
-    for a member or an archive that cannot be read. Reading stops at the first archive-level problem."""
-    count = 0
+    """(key, bytes, None) for each image of the tar (nested tars and links included, see `_tar_rows`)
+    whose key is not in `skip`; (key or None, None, error) for a member or an archive that cannot be read.
+    Reading stops at the first archive-level problem."""
+    count, failed = 0, False
     try:
         with _open_binary(uri) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
-            while True:
-                info = tar.next()
-                if info is None:
-                    break
-                tar.members.clear()  # tarfile keeps every header it saw; we never look back
-                if not info.isfile() or not _kind(info.name) == "image":
-                    continue
-                count += 1
-                if info.name in skip:
-                    continue
-                if info.size > _MAX_MEMBER_BYTES:
-                    yield info.name, None, f"{info.name} in {uri}: member of {info.size:,} bytes is too large to score."
-                    continue
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    yield info.name, None, f"{info.name} in {uri}: the archive is truncated; re-create the tar."
-                    return
-                yield info.name, data, None
-            # tarfile ends quietly at a header it cannot parse: tell that apart from the end of the archive.
-            tar.fileobj.seek(tar.offset)
-            rest = tar.fileobj.read(1024)
-            if rest.strip(b"\0"):
-                yield None, None, (
-                    f"{uri}: corrupt tar archive (invalid header at byte {tar.offset} after {count} image "
-                    f"members); the rest was not read: re-create the archive."
-                )
+            for row in _tar_rows(tar, uri, "", skip, _Keys(), 0):
+                count += row[0] is not None
+                failed = failed or row[0] is None
+                yield row
     except Exception as e:  # tarfile.ReadError, EOFError, zlib/gzip errors, OSError from storage
+        if failed:  # the archive's one error row is written already
+            return
         yield None, None, (
             f"{uri}: cannot read the tar archive ({type(e).__name__}: {e}) after {count} image members; "
             f"it is corrupt or truncated: re-create it."
         )
 
 
-def _decode(data: bytes, model_config, name: str) -> tuple[np.ndarray | None, int, int, str | None]:
+def _decode(data: bytes, model_config, name: str) -> tuple[np.ndarray | None, int, int, int, str | None]:
+    """(pixels, width, height, frames, None), or (None, -1, -1, -1, error)."""
     try:
-        pixels, (w, h) = decode_for(data, model_config, name=name)
-        return pixels, w, h, None
+        pixels, (w, h), frames = decode_for(data, model_config, name=name, frames=True)
+        return pixels, w, h, frames, None
     except DataError as e:
-        return None, -1, -1, str(e)
+        return None, -1, -1, -1, str(e)
     except Exception as e:  # never let one odd file fail the job
-        return None, -1, -1, f"{name}: cannot be decoded ({type(e).__name__}: {e}); replace or remove it."
+        return None, -1, -1, -1, f"{name}: cannot be decoded ({type(e).__name__}: {e}); replace or remove it."
+
+
+def _unreadable(uri: str, e: Exception) -> str:
+    """The error row's message for a file that cannot be read (named in a manifest, or gone since listing)."""
+    if isinstance(e, IsADirectoryError) or (not storage.is_remote(uri) and os.path.isdir(uri)):
+        return f"{uri}: a folder with no images in it (extensions {', '.join(IMAGE_EXTENSIONS)}, or tar archives)."
+    if not storage.is_remote(uri) and os.path.islink(uri) and not os.path.exists(uri):
+        return f"{uri}: a symlink to {os.readlink(uri)}, which does not exist; fix or remove the link."
+    if isinstance(e, FileNotFoundError) and any(c in uri for c in _GLOB_CHARS):
+        return f"{uri}: matches no image file; check the pattern."
+    if isinstance(e, FileNotFoundError):
+        return f"{uri}: file not found; check the path."
+    return f"{uri}: cannot be read ({type(e).__name__}: {e}); check that it exists."
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -304,22 +537,54 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
     return column
 
 
+def decode_memory(model_config, rows: int) -> int:
+    """Bytes one decode task can take: worker, rows held, and decoding one image of MAX_IMAGE_PIXELS pixels."""
+    full = _DECODE_PEAK_PER_PIXEL["full"]
+    if not model_config.tiled or int(1 / (model_config.scale * ssm_data.REDUCING_GAP)) >= 2:
+        peak = max(_DECODE_PEAK_PER_PIXEL["reduced"] * ssm_data.MAX_IMAGE_PIXELS, full * ssm_data.REDUCE_FROM_PIXELS)
+    else:
+        peak = full * ssm_data.MAX_IMAGE_PIXELS
+    if model_config.tiled:
+        held = _DECODE_HELD_BYTES
+    else:
+        held = rows * model_config.channels * model_config.img_size**2 * 4
+    return _DECODE_WORKER_MEMORY + held + peak
+
+
+def _decode_reservation(model_config, rows: int) -> int:
+    """decode_memory, but never more than half the memory of the cluster's largest node (a task that asks
+    for more than any node has would wait forever)."""
+    need = decode_memory(model_config, rows)
+    node = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if node and need > node // 2:
+        log.warning("decoding may take %.1f GB per task (images up to ssm.data.MAX_IMAGE_PIXELS); reserving "
+                    "%.1f GB, half the largest node's memory", need / 1e9, node / 2e9)
+        return int(node // 2)
+    return need
+
+
 def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Iterator[dict]:
     """Read and decode the work units of one block; yield batches of `rows` rows (fewer at the end).
 
     Columns out: path, member ("" for plain files), pixels float32 (C, S, S) as the model takes them, or
     (C, H, W) at the image's scaled size for a tiled model (zeros on error rows), width, height (original
-    size, -1 when unknown), error ("" when decoded). Empty strings rather than None: a column of nothing but
-    None does not survive Ray's block conversions as strings.
+    size as a viewer shows it, -1 when unknown), frames (in the file; frame 0 is scored; -1 when unknown),
+    error ("" when decoded). Empty strings rather than None: a column of nothing but None does not survive
+    Ray's block conversions as strings. Paths and messages are written as row_key escapes them.
     """
-    out: dict[str, list] = {k: [] for k in ("path", "member", "pixels", "width", "height", "error")}
+    out: dict[str, list] = {k: [] for k in ("path", "member", "pixels", "width", "height", "frames", "error")}
     side = 1 if model_config.tiled else model_config.img_size
     blank = np.zeros((model_config.channels, side, side), np.float32)
+    held = [0]  # bytes of pixels in `out`: a tiled model's images are yielded once they pass _DECODE_HELD_BYTES
 
-    def add(path, member, pixels, w, h, error):
-        row = (path, member or "", blank if pixels is None else pixels, w, h, error or "")
+    def add(path, member, pixels, w, h, frames, error):
+        row = (row_key(path), member or "", blank if pixels is None else pixels, w, h, frames, row_key(error or ""))
         for k, v in zip(out, row):
             out[k].append(v)
+        held[0] += row[2].nbytes
+
+    def full() -> bool:
+        return len(out["path"]) >= rows or held[0] >= _DECODE_HELD_BYTES
 
     def flush() -> dict:
         b = {
@@ -328,10 +593,12 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
             "pixels": _ragged(out["pixels"]) if model_config.tiled else np.stack(out["pixels"]),
             "width": np.array(out["width"], np.int32),
             "height": np.array(out["height"], np.int32),
+            "frames": np.array(out["frames"], np.int32),
             "error": np.array(out["error"], dtype=str),
         }
         for v in out.values():
             v.clear()
+        held[0] = 0
         return b
 
     for kind, uris, skip in zip(batch["kind"], batch["uris"], batch["skip"]):
@@ -341,18 +608,18 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
                 if error is None:
                     add(uri, member, *_decode(data, model_config, f"{member} in {uri}"))
                 else:
-                    add(uri, member, None, -1, -1, error)
-                if len(out["path"]) >= rows:
+                    add(uri, member, None, -1, -1, -1, error)
+                if full():
                     yield flush()
             continue
         for uri in json.loads(uris):
             try:
                 data = _read_bytes(uri)
             except Exception as e:
-                add(uri, None, None, -1, -1, f"{uri}: cannot be read ({type(e).__name__}: {e}); check that it exists.")
+                add(uri, None, None, -1, -1, -1, _unreadable(uri, e))
             else:
                 add(uri, None, *_decode(data, model_config, uri))
-            if len(out["path"]) >= rows:
+            if full():
                 yield flush()
     if out["path"]:
         yield flush()
@@ -451,6 +718,7 @@ class ScoreBatches:
                 "heatmap_png": pa.array(pngs, pa.binary()),
                 "width": pa.array(width, pa.int32(), mask=width < 0),
                 "height": pa.array(height, pa.int32(), mask=height < 0),
+                "frames": pa.array(batch["frames"].astype(np.int32), pa.int32(), mask=batch["frames"] < 0),
                 "checkpoint": pa.array([self.checkpoint_id] * n, pa.string()),
                 "error": pa.array(errors, pa.string()),
                 "error_kind": pa.array([error_kind(e) for e in errors], pa.string()),
@@ -657,7 +925,7 @@ def _score_units(units: list[dict], sink: ParquetSink, summary: ScoreSummary, ck
             batch_size=None,  # one work unit (a tar shard, or a few dozen files) per task
             fn_kwargs={"model_config": ckpt.model_config, "rows": batch_size},
             num_cpus=1,
-            memory=_DECODE_MEMORY,
+            memory=_decode_reservation(ckpt.model_config, batch_size),
             runtime_env=runtime_env,
         )
         ds = ds.map_batches(

@@ -53,8 +53,9 @@ SCHEMA = pa.schema(
         ("image_score", pa.float64()),  # null when the row has an error
         ("is_anomaly", pa.bool_()),
         ("heatmap_png", pa.binary()),  # 8-bit grayscale PNG at the scored resolution, calibrated fixed scale
-        ("width", pa.int32()),  # original size of the image; null when it could not be read
+        ("width", pa.int32()),  # original size of the image, EXIF orientation applied; null when unread
         ("height", pa.int32()),
+        ("frames", pa.int32()),  # frames in the file (multi-frame GIF/TIFF/WebP: frame 0 is scored); null on errors
         ("checkpoint", pa.string()),
         ("error", pa.string()),  # null when scored
         ("error_kind", pa.string()),  # "transient" (a rerun retries it), "permanent", null when scored
@@ -73,6 +74,8 @@ LOCK_STALE_S = 120.0
 # the image's bytes and is permanent.
 _TRANSIENT_ERRORS = re.compile(
     r"cannot be read \(|cannot read the tar archive|corrupt tar archive|the archive is truncated|scoring failed \("
+    r"|cannot read this tar inside the archive|file not found; |matches no image file"
+    r"|which does not exist; fix or remove the link|a folder with no images in it"
 )
 
 Key = tuple[str, str]  # (path, member or "")

@@ -31,9 +31,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 # Decompression-bomb guard: an image whose header claims more pixels than this is refused before any pixel
 # is decoded. Raise it (ssm.data.MAX_IMAGE_PIXELS = ...) for genuinely huge images.
@@ -47,6 +47,20 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # What PIL raises for files it cannot read: unknown format (UnidentifiedImageError is an OSError),
 # truncated data (OSError), broken chunks (SyntaxError, struct.error, EOFError), bad values (ValueError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+# Reduce-on-load: an image the model will shrink anyway is decoded reduced (JPEG: DCT scaling in the decoder,
+# Image.draft; other formats: Image.reduce, a box filter on the 8-bit pixels, before the float conversion)
+# to no less than this many times the target size; the antialiased resize does the rest. Images that need
+# less shrinking than this, or have at most REDUCE_FROM_PIXELS pixels, take exactly the unreduced path (so
+# the usual datasets decode as they always did; unreduced decoding peaks at 28 (RGB) to 32 (RGBA) bytes a
+# pixel, reduced at 8 or less: benchmarks/decode_memory.py).
+REDUCING_GAP = 2.0
+REDUCE_FROM_PIXELS = 1 << 22
+# Modes Image.reduce averages correctly: RGBA and LA are premultiplied first (RGBa, La) so the average is
+# that of the pixels composited onto black; palette and 1-bit images are converted first, I;16 is not reduced.
+_REDUCIBLE = {"L": "L", "RGB": "RGB", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "RGBA": "RGBa",
+              "LA": "La", "RGBa": "RGBa", "La": "La", "I": "I", "F": "F", "1": "L"}
+_ORIENTATION = 0x0112  # the EXIF tag; 5-8 swap width and height
 
 
 class DataError(ValueError):
@@ -73,8 +87,8 @@ def _open_source(source: str | os.PathLike | bytes, name: str | None) -> tuple[o
     return path, label
 
 
-def _to_float(im: Image.Image, label: str) -> np.ndarray:
-    """Pixels of a loaded PIL image as float32 (H, W, C) in [0, 1], C = 1 or 3.
+def _to_float(im: Image.Image, label: str, fmt: str | None = None) -> np.ndarray:
+    """Pixels of a loaded PIL image as float32 (H, W, C) in [0, 1], C = 1 or 3; `fmt` the file's format.
 
     Alpha is dropped by compositing onto black (colour * alpha), so fully transparent pixels read as 0.
     """
@@ -91,7 +105,8 @@ def _to_float(im: Image.Image, label: str) -> np.ndarray:
         mode = "L"
 
     if mode in ("L", "RGB", "LA", "RGBA", "La", "RGBa"):
-        a = np.asarray(im, dtype=np.float32) / 255.0
+        a = np.asarray(im, dtype=np.float32)
+        a /= 255.0  # in place: a large image holds one float copy, not two
         if a.ndim == 2:
             a = a[:, :, None]
         if mode in ("LA", "RGBA"):  # straight alpha: composite onto black
@@ -104,7 +119,7 @@ def _to_float(im: Image.Image, label: str) -> np.ndarray:
         return np.clip(a, 0.0, 1.0)[:, :, None]
     if mode == "I":
         # PNG holds at most 16 bits per sample, even when PIL widens it to 32-bit 'I'.
-        full_scale = 65535.0 if im.format == "PNG" else float(2**31 - 1)
+        full_scale = 65535.0 if (fmt or im.format) == "PNG" else float(2**31 - 1)
         a = np.asarray(im).astype(np.float64) / full_scale
         return np.clip(a, 0.0, 1.0).astype(np.float32)[:, :, None]
     if mode == "F":
@@ -131,17 +146,36 @@ def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def _reduce(im: Image.Image, fx: int, fy: int) -> Image.Image:
+    """`im` shrunk by integer factors with a box filter (Image.reduce), in a mode where averaging is right;
+    unchanged for modes it cannot average (I;16)."""
+    mode = _REDUCIBLE.get(im.mode)
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGBA" if (im.mode == "PA" or "transparency" in im.info) else "RGB")
+        mode = _REDUCIBLE[im.mode]
+    if mode is None or (fx, fy) == (1, 1):
+        return im
+    return (im if im.mode == mode else im.convert(mode)).reduce((fx, fy))
+
+
 def decode_image(
     source: str | os.PathLike | bytes,
     channels: int = 3,
     size: int | None = None,
     name: str | None = None,
     scale: float | None = None,
-) -> tuple[np.ndarray, tuple[int, int]]:
+    *,
+    frames: bool = False,
+):
     """Decode an image file or its bytes to float32 (channels, size, size) in [0, 1].
 
-    Returns the array and the ORIGINAL (width, height). With `size` None the array keeps the image's aspect
-    ratio: its original height and width, or both multiplied by `scale` when given.
+    Returns the array and the ORIGINAL (width, height) as a viewer shows it; with frames=True also the
+    number of frames in the file (multi-frame GIF, TIFF, WebP, APNG: frame 0 is the one decoded). With
+    `size` None the array keeps the image's aspect ratio: its original height and width, or both
+    multiplied by `scale` when given.
+    EXIF orientation is applied first (ImageOps.exif_transpose): pixels, width and height are upright.
+    An image of more than REDUCE_FROM_PIXELS pixels that will be shrunk by REDUCING_GAP or more is decoded
+    reduced (JPEG draft mode, else Image.reduce on the 8-bit pixels), which bounds the memory it takes.
     8-bit modes are scaled by 255, 16-bit integer modes by 65535, 32-bit integer by 2**31 - 1; float images
     are clipped to [0, 1]. Palette and CMYK images become RGB; alpha is dropped by compositing onto black.
     channels=3 repeats a grayscale image to three channels; channels=1 turns colour into luma (ITU-R 601-2).
@@ -171,8 +205,40 @@ def decode_image(
                         f"{MAX_IMAGE_PIXELS:,} allowed (a decompression-bomb guard); shrink the image or raise "
                         f"ssm.data.MAX_IMAGE_PIXELS."
                     )
+                try:
+                    n_frames = getattr(im, "n_frames", 1)
+                except (*_DECODE_ERRORS, IndexError):  # later frames truncated: frame 0 may still decode
+                    n_frames = 1
+                if n_frames > 1 or im.tell():
+                    im.seek(0)
+                fmt = im.format
+                # The size the model takes, in the file's own orientation (the same either way round: a
+                # square, or the image scaled with its aspect ratio kept).
+                if size is not None:
+                    target = (size, size)
+                elif scale is not None and scale < 1.0:
+                    target = scaled_size(width, height, scale)
+                else:
+                    target = None
+                if width * height <= REDUCE_FROM_PIXELS:
+                    target = None
+                if target is not None and fmt in ("JPEG", "MPO"):  # MPO: cameras' multi-picture JPEG
+                    wanted = (round(target[0] * REDUCING_GAP), round(target[1] * REDUCING_GAP))
+                    if min(im.width // wanted[0], im.height // wanted[1]) >= 2:
+                        im.draft(im.mode, wanted)
                 im.load()
-                a = _to_float(im, label)
+                try:  # after load: PNG finds its EXIF anywhere in the file
+                    orientation = im.getexif().get(_ORIENTATION, 1)
+                except _DECODE_ERRORS:  # broken EXIF does not make the pixels unreadable
+                    orientation = 1
+                if target is not None:
+                    im = _reduce(im, max(1, int(im.width / target[0] / REDUCING_GAP)),
+                                 max(1, int(im.height / target[1] / REDUCING_GAP)))
+                if orientation in (5, 6, 7, 8):
+                    width, height = height, width  # as a viewer shows it
+                if orientation in (2, 3, 4, 5, 6, 7, 8):
+                    im = ImageOps.exif_transpose(im)
+                a = _to_float(im, label, fmt)
     except DataError:
         raise
     except Image.DecompressionBombError as e:
@@ -191,15 +257,16 @@ def decode_image(
         a = np.repeat(a, 3, axis=2)
     elif channels == 1 and a.shape[2] == 3:
         a = (a @ _LUMA)[:, :, None]
-    return np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32), (width, height)
+    a = np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32)
+    return (a, (width, height), n_frames) if frames else (a, (width, height))
 
 
-def decode_for(source: str | os.PathLike | bytes, model_config, name: str | None = None):
+def decode_for(source: str | os.PathLike | bytes, model_config, name: str | None = None, *, frames: bool = False):
     """`decode_image` as the model expects its input: the whole image resized to img_size x img_size, or
     for a tiled model (ModelConfig.tiled) the image resized by ModelConfig.scale with its aspect ratio kept."""
     if model_config.tiled:
-        return decode_image(source, model_config.channels, None, name, model_config.scale)
-    return decode_image(source, model_config.channels, model_config.img_size, name)
+        return decode_image(source, model_config.channels, None, name, model_config.scale, frames=frames)
+    return decode_image(source, model_config.channels, model_config.img_size, name, frames=frames)
 
 
 def decode_mask(source: str | os.PathLike | bytes, size: int, name: str | None = None) -> np.ndarray:

@@ -378,3 +378,72 @@ def test_load_images_stacks_and_load_masks_fills_missing(tmp_path):
     masks = load_masks([Sample(paths[0], 0), Sample(paths[1], 1, str(tmp_path / "m.png"), "x")], 5)
     assert masks.shape == (2, 5, 5) and masks.dtype == bool
     assert not masks[0].any() and masks[1].sum() == 1 and masks[1, 0, 0]
+
+
+def _encoded(im: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF"])
+def test_multi_frame_images_decode_frame_zero_and_count_frames(fmt):
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200)]
+    frames = [Image.new("RGB", (20, 10), c) for c in colours]
+    raw = _encoded(frames[0], fmt, save_all=True, append_images=frames[1:])
+    x, (w, h), n = decode_image(raw, 3, None, frames=True)
+    assert (w, h, n) == (20, 10, 3) and x.shape == (3, 10, 20)
+    assert x[0].mean() > 0.7 and x[1:].max() < 0.05  # frame 0 is the red one
+    single = decode_image(_encoded(frames[1], fmt), 3, None, frames=True)
+    assert single[2] == 1 and single[0][1].mean() > 0.7
+    if fmt == "GIF":  # later frames cut off: frame 0 still decodes, as it did before frames were counted
+        x, _, n = decode_image(raw[: len(raw) - 30], 3, None, frames=True)
+        assert n == 1 and x[0].mean() > 0.7
+
+
+@pytest.mark.parametrize("orientation, bright", [(1, "left"), (3, "right"), (6, "top"), (8, "bottom")])
+def test_exif_orientation_is_applied_to_pixels_and_size(orientation, bright, monkeypatch):
+    stored = np.zeros((20, 40), np.uint8)  # 40 wide, 20 high, the left quarter white
+    stored[:, :10] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    raw = _encoded(Image.fromarray(stored), "JPEG", exif=exif, quality=95)
+    x, (w, h) = decode_image(raw, 1, None)
+    upright = (40, 20) if orientation in (1, 3) else (20, 40)
+    assert (w, h) == upright and x.shape == (1, upright[1], upright[0])
+    edges = {"left": x[0, :, :5], "right": x[0, :, -5:], "top": x[0, :5, :], "bottom": x[0, -5:, :]}
+    assert {k for k, v in edges.items() if v.mean() > 0.9} == {bright}
+    y, size = decode_image(raw, 1, None, scale=0.5)  # a tiled model's scale works on the upright image
+    assert size == (w, h) and y.shape == (1, h // 2, w // 2)
+    monkeypatch.setattr(data, "REDUCE_FROM_PIXELS", 0)  # decoded reduced (JPEG draft): still upright
+    for fmt in ("JPEG", "PNG"):
+        raw = _encoded(Image.fromarray(np.kron(stored, np.ones((8, 8), np.uint8))), fmt, exif=exif)
+        y, size = decode_image(raw, 1, None, scale=1 / 16)
+        assert size == (w * 8, h * 8) and y.shape == (1, h // 2, w // 2)
+        assert y[0, :2].mean() > 0.9 if bright == "top" else y[0, :2].mean() < 0.9
+
+
+def test_large_images_decode_reduced_close_to_the_full_decode(monkeypatch):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:360, 0:480] / 120.0
+    smooth = np.stack([np.sin(xx * 3 + yy), np.cos(yy * 2), np.sin(xx + yy * 4)], -1) * 0.4 + 0.5
+    rgb = np.clip(smooth * 255 + rng.normal(0, 3, smooth.shape), 0, 255).astype(np.uint8)
+    rgba = np.dstack([rgb, np.full((360, 480), 128, np.uint8)])
+    sources = {"png": _encoded(Image.fromarray(rgb), "PNG"),
+               "jpeg": _encoded(Image.fromarray(rgb), "JPEG", quality=95),
+               "rgba": _encoded(Image.fromarray(rgba), "PNG"),
+               "palette": _encoded(Image.fromarray(rgb).convert("P"), "PNG")}
+    for name, raw in sources.items():
+        for kwargs in ({"size": 32}, {"size": None, "scale": 0.1}):
+            full, size = decode_image(raw, 3, **kwargs)  # below REDUCE_FROM_PIXELS: decoded whole
+            monkeypatch.setattr(data, "REDUCE_FROM_PIXELS", 0)
+            reduced, size_r = decode_image(raw, 3, **kwargs)
+            monkeypatch.undo()
+            assert size == size_r == (480, 360) and reduced.shape == full.shape
+            assert not np.array_equal(reduced, full), name  # the reduced path was taken
+            assert np.abs(reduced - full).mean() < 0.01 and np.abs(reduced - full).max() < 0.1, name
+    # No reduction when the model does not shrink the image by more than REDUCING_GAP: the same bytes out.
+    monkeypatch.setattr(data, "REDUCE_FROM_PIXELS", 0)
+    small = decode_image(sources["png"], 3, 128)[0]
+    monkeypatch.undo()
+    assert np.array_equal(small, decode_image(sources["png"], 3, 128)[0])

@@ -59,9 +59,12 @@ def test_error_kinds_follow_how_each_error_is_produced(tmp_path, checkpoint):
     bad = _write(tmp_path / "bad", _bad_files(rng))
     (tmp_path / "not_a_tar.tar").write_bytes(rng.bytes(3000))
     (tmp_path / "broken.tar").write_bytes(_broken_tar(_good_images(3, seed=21), after=1))
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")  # its target may appear later
+    (tmp_path / "empty_folder").mkdir()
+    later = [str(tmp_path / n) for n in ("missing.png", "dangling.png", "empty_folder", "new_*.png")]
     units = {
         "kind": np.array(["images", "tar", "tar"]),
-        "uris": np.array([json.dumps([*bad, str(tmp_path / "missing.png")]), json.dumps([str(tmp_path / "not_a_tar.tar")]),
+        "uris": np.array([json.dumps([*bad, *later]), json.dumps([str(tmp_path / "not_a_tar.tar")]),
                           json.dumps([str(tmp_path / "broken.tar")])]),
         "skip": np.array(["[]", "[]", "[]"]),
     }
@@ -70,7 +73,7 @@ def test_error_kinds_follow_how_each_error_is_produced(tmp_path, checkpoint):
     kinds = {(Path(p).name, m): error_kind(e or None) for p, m, e in rows}
     assert kinds == {
         **{(Path(p).name, ""): "permanent" for p in bad},
-        ("missing.png", ""): "transient",
+        **{(Path(p).name, ""): "transient" for p in later},
         ("not_a_tar.tar", ""): "transient",
         ("broken.tar", "img_21_000.png"): None,
         ("broken.tar", ""): "transient",

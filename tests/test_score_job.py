@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -353,3 +354,201 @@ def test_cli_errors_are_one_clear_sentence(tmp_path, checkpoint):
                                    ModelConfig(width=4, img_size=IMG_SIZE))
     assert "not calibrated" in fails([str(tmp_path / "empty"), "--checkpoint", str(uncalibrated), *out])
     assert not (tmp_path / "out").exists()
+
+
+# --- inputs: every image one row -------------------------------------------------------------------
+
+
+def _link_tar(entries: list[tuple[str, str, bytes | str]]) -> bytes:
+    """A tar of ("file", name, bytes), ("sym" | "hard", name, target) entries, in that order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for kind, name, value in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value))
+            else:
+                info.type, info.linkname = (tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE), value
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def _tricky_tar(images: list[bytes]) -> tuple[bytes, dict[str, bytes | None]]:
+    """A shard with duplicate names, links (good, dangling, escaping, cyclic, forward), a nested tar (and a
+    member named like one of its members), a nested corrupt tar and a member name that is not UTF-8; and
+    each expected member key -> image bytes (None for an error row)."""
+    inner = _link_tar([("file", "x.png", images[3]), ("sym", "y.png", "x.png")])
+    odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes in a member name, read back as surrogate escapes
+    entries = [
+        ("file", "a.png", images[0]), ("file", "a.png", images[1]),
+        ("sym", "dir/s.png", "../a.png"), ("hard", "h.png", "a.png"), ("sym", "fwd.png", "later.png"),
+        ("sym", "dangling.png", "gone.png"), ("sym", "escape.png", "../../etc/passwd.png"),
+        ("sym", "c1.png", "c2.png"), ("sym", "c2.png", "c1.png"),
+        ("file", "inner.tar", inner), ("file", "inner.tar/x.png", images[2]),
+        ("file", "broken.tar", b"not a tar" * 200),
+        ("file", odd, images[4]), ("file", "later.png", images[5]),
+    ]
+    keys = {
+        "a.png": images[0], "a.png#2": images[1],  # a repeated name gets #n
+        "inner.tar/x.png": images[3], "inner.tar/x.png#2": images[2],  # named like a nested one
+        "inner.tar/y.png": images[3], "broken.tar": None,
+        "caf\\xe9.png": images[4], "later.png": images[5],
+        # links point at the last member of that name, as extracting the tar would leave it
+        "dir/s.png": images[1], "h.png": images[1], "fwd.png": images[5],
+        "dangling.png": None, "escape.png": None, "c1.png": None, "c2.png": None,
+    }
+    return _tar_bytes_checked(entries), keys
+
+
+def _tar_bytes_checked(entries) -> bytes:
+    data = _link_tar(entries)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert len(tar.getmembers()) == len(entries)
+    return data
+
+
+def test_tar_members_links_nested_duplicates_and_resume_skips(tmp_path):
+    from jobs.score import _tar_members
+
+    images = list(_good_images(6, seed=11).values())
+    data, expected = _tricky_tar(images)
+    (tmp_path / "s.tar").write_bytes(data)
+    rows = list(_tar_members(str(tmp_path / "s.tar"), set()))
+    keys = [k for k, _, _ in rows]
+    assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys))
+    for key, blob, error in rows:
+        assert blob == expected[key], key
+        assert (error is None) == (expected[key] is not None), (key, error)
+    errors = {k: e for k, _, e in rows if e}
+    assert "outside the archive" in errors["escape.png"] and "not a file in the archive" in errors["dangling.png"]
+    assert "does not end" in errors["c1.png"] and "broken.tar in" in errors["broken.tar"]
+    # A resumed run passes the keys already written: exactly the others come back.
+    done = {"a.png#2", "inner.tar/x.png", "caf\\xe9.png", "broken.tar", "fwd.png"}
+    assert sorted(k for k, _, _ in _tar_members(str(tmp_path / "s.tar"), done)) == sorted(set(expected) - done)
+
+
+def test_listing_follows_symlinks_once_reads_manifests_and_names_empty_inputs(tmp_path):
+    from jobs.score import list_sources, row_key
+    from ssm.data import DataError
+
+    png = next(iter(_good_images(1).values()))
+    root = tmp_path / "data"
+    _write(root / "sub", {"b.png": png})
+    _write(root, {"a.png": png})
+    _write(tmp_path / "elsewhere", {"c.png": png})
+    os.symlink("..", root / "sub" / "loop")  # a loop back up the tree
+    os.symlink(tmp_path / "elsewhere", root / "linked")  # a symlinked folder
+    odd = os.path.join(os.fsencode(root), b"caf\xe9.png")  # a file name that is not UTF-8
+    with open(odd, "wb") as f:
+        f.write(png)
+    want = [str(root / "a.png"), str(root) + "/caf\\xe9.png", str(root / "linked" / "c.png"),
+            str(root / "sub" / "b.png")]
+    for given in (str(root), str(root / "**" / "*.png"), str(root / "**")):
+        assert sorted(s.key for s in list_sources([given])) == sorted(want), given
+    assert [s.key for s in list_sources([os.fsencode(odd)])] == [want[1]]  # a bytes path argument
+    assert os.fsencode(next(s.uri for s in list_sources([str(root)]) if "caf" in s.key)) == odd  # still opens
+    import codecs
+
+    assert os.fsencode(os.path.abspath(os.fsdecode(codecs.escape_decode(want[1].encode())[0]))) == odd
+    assert row_key("a\\b") == "a\\b" and row_key(os.fsdecode(b"a\\b\xff")) == "a\\\\b\\xff"
+
+    # A manifest with a byte-order mark, a folder line, a glob line, and lines that name nothing.
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("data/a.png\nelsewhere\ndata/sub/*.png\nnothing/*.png\nmissing.png\n", encoding="utf-8-sig")
+    listed = [s.key for s in list_sources([str(manifest)])]
+    assert listed == [str(root / "a.png"), str(tmp_path / "elsewhere" / "c.png"), str(root / "sub" / "b.png"),
+                      str(tmp_path / "nothing" / "*.png"), str(tmp_path / "missing.png")]
+
+    # A folder that cannot be listed (here: removed while the walk is under way) is an error, not a skip.
+    from jobs.score import _walk_local
+
+    gone = tmp_path / "gone"
+    _write(gone / "inner", {"b.png": png})
+    _write(gone, {"a.png": png})
+    walk = _walk_local(str(gone))
+    assert next(walk).key == str(gone / "a.png")
+    shutil.rmtree(gone / "inner")
+    with pytest.raises(FileNotFoundError, match="inner"):
+        next(walk)
+
+    # An argument that yields nothing stops the job before any work, naming it, even beside good inputs.
+    (tmp_path / "empty").mkdir()
+    for nothing in (str(tmp_path / "zz*.png"), str(tmp_path / "empty")):
+        with pytest.raises(DataError, match=f"{re.escape(nothing)}: no images found"):
+            list_sources([str(root), nothing])
+
+
+@pytest.mark.slow
+def test_every_input_image_gets_one_row_through_the_job(tmp_path, checkpoint, ray_local):
+    """Tar links, nested tars and duplicate names, a symlink loop and a symlinked folder, a file name that is
+    not UTF-8, multi-frame and EXIF-rotated images, a manifest with a byte-order mark, a folder line and
+    lines naming nothing: one row each, and a rerun finds them all done."""
+    images = list(_good_images(6, seed=12).values())
+    shard, members = _tricky_tar(images)
+    data, more = tmp_path / "in", tmp_path / "more"
+    _write(data, {"shard.tar": shard})
+    _write(data / "sub", {"b.png": images[0]})
+    _write(tmp_path / "elsewhere", {"c.png": images[1]})
+    _write(more, {"d.png": images[2]})
+    os.symlink("..", data / "sub" / "loop")
+    os.symlink(tmp_path / "elsewhere", data / "linked")
+    with open(os.path.join(os.fsencode(data), b"caf\xe9.png"), "wb") as f:
+        f.write(images[3])
+    rng = np.random.default_rng(13)
+    frames = [Image.fromarray(_texture(rng, 40, 48)) for _ in range(3)]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 48 x 40, shown rotated a quarter turn: 40 x 48
+    gif, tiff, jpeg = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    frames[0].save(tiff, format="TIFF", save_all=True, append_images=frames[1:2])
+    frames[2].save(jpeg, format="JPEG", exif=exif, quality=95)
+    _write(data, {"anim.gif": gif.getvalue(), "pages.tiff": tiff.getvalue(), "rotated.jpg": jpeg.getvalue()})
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("more\nnothing/*.png\nmissing.png\n", encoding="utf-8-sig")
+    out = str(tmp_path / "scores")
+
+    summary = score([str(data), str(manifest)], checkpoint, out, batch_size=8, progress=False)
+    rows, _, _ = _rows(out)
+    tar = str(data / "shard.tar")
+    plain = {"sub/b.png": 1, "linked/c.png": 1, "caf\\xe9.png": 1, "anim.gif": 3, "pages.tiff": 2, "rotated.jpg": 1}
+    expected = ({(tar, k): v for k, v in members.items()}
+                | {(f"{data}/{name}", None): n for name, n in plain.items()}
+                | {(str(more / "d.png"), None): 1, (str(tmp_path / "nothing" / "*.png"), None): None,
+                   (str(tmp_path / "missing.png"), None): None})
+    assert set(rows) == set(expected)
+    failed = {k for k, r in rows.items() if r["error"]}
+    assert failed == {k for k, v in expected.items() if v is None}
+    assert (summary.scored, summary.errors) == (len(rows) - len(failed), len(failed))
+    for key, want in expected.items():
+        if key[0] == tar and want is not None:  # a tar row holds the bytes it was scored from
+            want = 1
+        assert rows[key]["frames"] == want, key
+    assert "matches no image file" in rows[(str(tmp_path / "nothing" / "*.png"), None)]["error"]
+    assert "file not found" in rows[(str(tmp_path / "missing.png"), None)]["error"]
+    assert "outside the archive" in rows[(tar, "escape.png")]["error"]
+    assert (rows[(f"{data}/rotated.jpg", None)]["width"], rows[(f"{data}/rotated.jpg", None)]["height"]) == (40, 48)
+    # Links are scored from their target member: the same score as the member itself.
+    assert rows[(tar, "h.png")]["image_score"] == rows[(tar, "a.png#2")]["image_score"]
+    assert rows[(tar, "inner.tar/y.png")]["image_score"] == rows[(tar, "inner.tar/x.png")]["image_score"]
+    assert rows[(f"{data}/caf\\xe9.png", None)]["image_score"] == rows[(tar, "inner.tar/x.png")]["image_score"]
+
+    again = score([str(data), str(manifest)], checkpoint, out, batch_size=8, progress=False)
+    assert (again.scored, again.errors, again.skipped) == (0, 0, len(rows))
+    assert set(_rows(out)[0]) == set(expected)
+
+
+def test_decode_tasks_yield_tiled_rows_by_bytes_held_and_size_their_reservation(tmp_path, monkeypatch):
+    from jobs import score as job
+
+    paths = _write(tmp_path, _good_images(6, seed=14))  # 40..56 x 48 px: 23..32 KB each as float32 RGB
+    tiled = ModelConfig(width=4, img_size=32, tiled=True, scale=1.0)
+    batch = {"kind": np.array(["images"]), "uris": np.array([json.dumps(paths)]), "skip": np.array(["[]"])}
+    assert [len(b["path"]) for b in job.decode_sources(batch, tiled, rows=32)] == [6]
+    monkeypatch.setattr(job, "_DECODE_HELD_BYTES", 60_000)
+    sizes = [len(b["path"]) for b in job.decode_sources(batch, tiled, rows=32)]
+    assert sum(sizes) == 6 and max(sizes) < 6  # yielded before `rows` was reached
+    whole = ModelConfig(width=4, img_size=32)
+    # The reservation covers decoding an image at the pixel limit: more for a tiled model that cannot reduce.
+    assert job.decode_memory(whole, 32) > 8 * 100_000_000 > job.decode_memory(whole, 32) - (600 << 20)
+    assert job.decode_memory(tiled, 32) > 32 * 100_000_000
