@@ -27,9 +27,11 @@ H, W = 40, 60  # the images' and masks' native size: non-square, not the model's
 
 
 def _texture(rng) -> np.ndarray:
+    """A rough texture: a defect is a flat patch in it, which even an untrained model's map picks out (its
+    reconstruction has gradients where the image has none)."""
     coarse = rng.random((5, 7, 3)).astype(np.float32)
-    smooth = [np.asarray(Image.fromarray(coarse[..., c], "F").resize((W, H), Image.BICUBIC)) for c in range(3)]
-    return np.clip(np.stack(smooth, -1) * 0.5 + 0.25, 0, 1)
+    shade = [np.asarray(Image.fromarray(coarse[..., c], "F").resize((W, H), Image.BICUBIC)) for c in range(3)]
+    return np.clip(np.stack(shade, -1) * 0.3 + rng.random((H, W, 3)) * 0.5 + 0.1, 0, 1)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +48,9 @@ def dataset(tmp_path_factory):
     for i in range(3):
         image, mask = _texture(rng), np.zeros((H, W), bool)
         top, left = 5 + 8 * i, 10 + 12 * i
-        mask[top : top + 7, left : left + 2 + 4 * i] = True  # a small bright patch
-        mask[30:32, 3:50] = i == 1  # and on one image a thin scratch
-        image[mask] = 1.0 - image[mask]
+        mask[top : top + 7, left : left + 3 + 4 * i] = True  # a small flat patch
+        mask[30:32, 3:50] = i == 1  # and on one image a thin flat scratch
+        image[mask] = 0.5
         save(image, root / "test" / "crack" / f"{i:03d}.png")
         Image.fromarray(mask.astype(np.uint8) * 255).save(root / "ground_truth" / "crack" / f"{i:03d}_mask.png")
     return root
@@ -79,15 +81,22 @@ def _evaluate(dataset, checkpoint, *flags) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _expected(dataset, checkpoint, resolution: str) -> dict:
-    """The metrics from the checkpoint's own scorer, independently upsampled (PIL) and scored (sklearn)."""
+def _expected(dataset, checkpoint) -> dict:
+    """The metrics from the checkpoint's own scorer, independently upsampled (PIL) and scored (sklearn), at
+    the masks' resolution and at the model's."""
     ckpt = load_checkpoint(checkpoint)
     split = load_layout(str(dataset), "mvtec")
     decoded = [decode_for(s.path, ckpt.model_config) for s in split.test]
     out = ckpt.scorer("cpu").score_images([torch.from_numpy(a) for a, _ in decoded])
     labels = np.array([s.label for s in split.test])
+    return {"image_auroc": roc_auc_score(labels, out.image_scores.numpy()),
+            "map_shape": tuple(out.heatmaps[0].shape),
+            **{resolution: _pixel(split.test, out.heatmaps, resolution) for resolution in ("ground-truth", "model")}}
+
+
+def _pixel(samples, heatmaps, resolution: str) -> dict:
     maps, masks = [], []
-    for sample, heat in zip(split.test, out.heatmaps):
+    for sample, heat in zip(samples, heatmaps):
         heat = heat.numpy()
         mask = np.zeros((H, W), bool) if sample.mask_path is None else np.asarray(Image.open(sample.mask_path)) > 0
         if resolution == "ground-truth":  # the map up to the mask's size
@@ -98,35 +107,30 @@ def _expected(dataset, checkpoint, resolution: str) -> dict:
         maps.append(heat)
         masks.append(mask)
     flat = lambda arrays: np.concatenate([a.reshape(-1) for a in arrays])  # noqa: E731
-    return {
-        "image_auroc": roc_auc_score(labels, out.image_scores.numpy()),
-        "pixel_auroc": roc_auc_score(flat(masks), flat(maps)),
-        "aupro": aupro(masks, maps),
-        "map_shape": tuple(out.heatmaps[0].shape),
-    }
+    return {"pixel_auroc": roc_auc_score(flat(masks), flat(maps)), "aupro": aupro(masks, maps)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["whole", "tiled"])
 def test_pixel_metrics_at_the_masks_native_resolution(dataset, checkpoints, kind):
     got = _evaluate(dataset, checkpoints[kind])
-    want = _expected(dataset, checkpoints[kind], "ground-truth")
+    model_res = _evaluate(dataset, checkpoints[kind], "--pixel-resolution", "model")
+    want = _expected(dataset, checkpoints[kind])
     # the model scored at its own resolution: 32 x 32, or the 0.75-scaled 30 x 45 image in tiles
     assert want["map_shape"] == ((32, 32) if kind == "whole" else (30, 45))
     assert got["pixel_resolution"] == "ground-truth" and got["precision"] == "float32"
     assert (got["n_test"], got["n_anomalous"]) == (5, 3)
     assert got["image_auroc"] == pytest.approx(want["image_auroc"], abs=1e-9)
-    assert got["pixel_auroc"] == pytest.approx(want["pixel_auroc"], abs=1e-4)
-    assert got["aupro"] == pytest.approx(want["aupro"], abs=1e-3)
+    # PIL's float32 bilinear and ssm's torch one agree to rounding: at most a few tied pairs may swap
+    assert got["pixel_auroc"] == pytest.approx(want["ground-truth"]["pixel_auroc"], abs=1e-5)
+    assert got["aupro"] == pytest.approx(want["ground-truth"]["aupro"], abs=1e-5)
     assert 0.0 <= got["f1_max"] <= 1.0 and 0.0 <= got["accuracy_at_threshold"] <= 1.0
 
-    # at the model's resolution only when asked, and then the figures differ
-    model_res = _evaluate(dataset, checkpoints[kind], "--pixel-resolution", "model")
-    want_model = _expected(dataset, checkpoints[kind], "model")
+    # at the model's resolution only when asked; the figures differ
     assert model_res["pixel_resolution"] == "model"
     assert model_res["image_auroc"] == got["image_auroc"]
-    assert model_res["pixel_auroc"] == pytest.approx(want_model["pixel_auroc"], abs=1e-6)
-    assert model_res["aupro"] == pytest.approx(want_model["aupro"], abs=1e-6)
+    assert model_res["pixel_auroc"] == pytest.approx(want["model"]["pixel_auroc"], abs=1e-6)
+    assert model_res["aupro"] == pytest.approx(want["model"]["aupro"], abs=1e-6)
     assert abs(model_res["pixel_auroc"] - got["pixel_auroc"]) > 1e-3
 
 
