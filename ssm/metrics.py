@@ -9,6 +9,8 @@ Labels and masks: 1 / True = anomalous. Scores and heatmaps: higher = more anoma
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from skimage.measure import label as label_regions
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
@@ -76,17 +78,10 @@ def _pixel_inputs(masks, heatmaps, upsample: bool = False) -> tuple[list[np.ndar
     return masks, flat
 
 
-def _is_tensor(a) -> bool:
-    return type(a).__module__.startswith("torch")
-
-
 def upsample_to(heatmap, shape: tuple[int, int]) -> np.ndarray:
     """One (h, w) heatmap (numpy or torch, any real dtype) resized to `shape` = (H, W): bilinear with
     half-pixel centres (align_corners=False, antialiased when shrinking), in float32."""
-    import torch
-    import torch.nn.functional as F
-
-    t = heatmap.detach() if _is_tensor(heatmap) else torch.from_numpy(np.asarray(heatmap))
+    t = heatmap.detach() if isinstance(heatmap, torch.Tensor) else torch.from_numpy(np.asarray(heatmap))
     t = t.to("cpu", torch.float32)
     if tuple(t.shape) != tuple(shape):
         t = F.interpolate(t[None, None], size=tuple(shape), mode="bilinear", align_corners=False, antialias=True)[0, 0]
