@@ -81,8 +81,10 @@ def _pixel_inputs(masks, heatmaps, upsample: bool = False) -> tuple[list[np.ndar
 def upsample_to(heatmap, shape: tuple[int, int]) -> np.ndarray:
     """One (h, w) heatmap (numpy or torch, any real dtype) resized to `shape` = (H, W): bilinear with
     half-pixel centres (align_corners=False, antialiased when shrinking), in float32."""
-    t = heatmap.detach() if isinstance(heatmap, torch.Tensor) else torch.from_numpy(np.asarray(heatmap))
-    t = t.to("cpu", torch.float32)
+    if isinstance(heatmap, torch.Tensor):
+        t = heatmap.detach().to("cpu", torch.float32)
+    else:
+        t = torch.from_numpy(np.array(heatmap, dtype=np.float32))  # a float32 copy: the map is small
     if tuple(t.shape) != tuple(shape):
         t = F.interpolate(t[None, None], size=tuple(shape), mode="bilinear", align_corners=False, antialias=True)[0, 0]
     return t.numpy()

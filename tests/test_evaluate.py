@@ -6,6 +6,7 @@ come from the scorer's own outputs, upsampled here with PIL (not the torch path 
 scikit-learn.
 """
 
+import io
 import json
 
 import numpy as np
@@ -142,3 +143,34 @@ def test_text_output_states_the_resolution_and_bad_flag_is_refused(dataset, chec
     bad = runner.invoke(app, ["evaluate", str(dataset), "--checkpoint", checkpoints["whole"],
                               "--pixel-resolution", "native"])
     assert bad.exit_code == 2 and "--pixel-resolution" in bad.output
+
+
+def test_demo_metrics_from_parquet_follow_the_same_protocol(dataset, tmp_path):
+    """The demo's metrics read the scoring job's rows: 8-bit heatmap PNGs at the scored resolution (here 30 x
+    45) and each image's original size; its pixel metrics are at the masks' 40 x 60, like `ssm evaluate`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.demo import metrics_from_scores
+
+    split = load_layout(str(dataset), "mvtec")
+    rng = np.random.default_rng(0)
+    maps, pngs = [], []
+    for sample in split.test:
+        mask = np.zeros((H, W), bool) if sample.mask_path is None else np.asarray(Image.open(sample.mask_path)) > 0
+        small = np.asarray(Image.fromarray(mask.astype(np.float32), "F").resize((45, 30), Image.BILINEAR))
+        maps.append(np.clip(small * 120 + rng.random((30, 45)) * 160, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        Image.fromarray(maps[-1]).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    n = len(split.test)
+    pq.write_table(pa.table({
+        "path": [s.path for s in split.test][::-1], "image_score": [float(s.label) for s in split.test][::-1],
+        "heatmap_png": pngs[::-1], "width": [W] * n, "height": [H] * n, "error": [None] * n,
+    }), tmp_path / "part-0.parquet")
+    got = metrics_from_scores(str(tmp_path), split.test, has_masks=True)
+    assert got["pixel_resolution"] == "ground-truth" and got["image_auroc"] == 1.0
+    want = _pixel(split.test, [torch.from_numpy(m.astype(np.float32)) for m in maps], "ground-truth")
+    assert 0.6 < want["pixel_auroc"] < 0.99  # informative, not perfect
+    assert got["pixel_auroc"] == pytest.approx(want["pixel_auroc"], abs=1e-5)
+    assert got["aupro"] == pytest.approx(want["aupro"], abs=1e-5)
