@@ -76,6 +76,9 @@ def evaluate(
         raise ValueError("the test split is empty: nothing to evaluate")
     if pixel_resolution not in PIXEL_RESOLUTIONS:
         raise ValueError(f"--pixel-resolution must be one of {', '.join(PIXEL_RESOLUTIONS)}, got {pixel_resolution!r}")
+    for sample in split.test:  # a bad mask fails here, not after scoring every image
+        if sample.mask_path is not None:
+            decode_mask(sample.mask_path, None)
     scorer = scorer or checkpoint.scorer(device)
     labels = np.array([s.label for s in split.test])
     scores, maps, sizes = score_paths(scorer, [s.path for s in split.test], batch_size, progress)
