@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    checkpoint = args.checkpoint or train_small(args.data, str(Path(args.work or tempfile.mkdtemp()) / "run"), args.epochs)
+    work = Path(args.work or tempfile.mkdtemp())
+    checkpoint = args.checkpoint or train_small(args.data, str(work / "run"), args.epochs)
     ckpt = load_checkpoint(checkpoint, map_location=args.device)
     split = load_layout(args.data, "mvtec")
     labels = np.array([s.label for s in split.test])
@@ -73,6 +74,7 @@ def main() -> None:
         print(f"{precision:8s} " + "  ".join(f"{k} {v:.4f}" for k, v in results[precision].items()), flush=True)
 
     f32, b16 = results["float32"], results["bf16"]
+    moved = float(np.abs(scores["bf16"] - scores["float32"]).max())
     spread = float(scores["float32"].max() - scores["float32"].min())
     heat_rel = float(np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(maps["bf16"], maps["float32"]))
                              / sum((b**2).sum() for b in maps["float32"])))
@@ -82,7 +84,7 @@ def main() -> None:
         "pixel_auroc_float32": round(f32["pixel_auroc"], 5), "pixel_auroc_bf16": round(b16["pixel_auroc"], 5),
         "delta_pixel_auroc": round(b16["pixel_auroc"] - f32["pixel_auroc"], 5),
         "delta_aupro": round(b16["aupro"] - f32["aupro"], 5),
-        "max_image_score_change_over_spread": round(float(np.abs(scores["bf16"] - scores["float32"]).max()) / spread, 5),
+        "max_image_score_change_over_spread": round(moved / spread, 5),
         "heatmap_rel_l2": round(heat_rel, 5), "pixel_resolution": "ground-truth", "native_bf16": cpu_has_bf16(),
         "checkpoint": ckpt.path, "width": ckpt.model_config.width, "img_size": ckpt.model_config.img_size,
         "threads": torch.get_num_threads(),
