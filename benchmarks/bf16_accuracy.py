@@ -56,8 +56,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    work = Path(args.work or tempfile.mkdtemp())
-    checkpoint = args.checkpoint or train_small(args.data, str(work / "run"), args.epochs)
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = train_small(args.data, str(Path(args.work or tempfile.mkdtemp()) / "run"), args.epochs)
     ckpt = load_checkpoint(checkpoint, map_location=args.device)
     split = load_layout(args.data, "mvtec")
     labels = np.array([s.label for s in split.test])
