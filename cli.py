@@ -19,6 +19,11 @@ class Layout(str, Enum):
     folder = "folder"
 
 
+class PixelResolution(str, Enum):
+    ground_truth = "ground-truth"
+    model = "model"
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -210,9 +215,13 @@ def evaluate(
     batch_size: int = typer.Option(32, help="Images per scoring batch."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    pixel_resolution: PixelResolution = typer.Option(
+        PixelResolution.ground_truth, "--pixel-resolution", help="Pixel AUROC and AUPRO on the ground-truth masks "
+        "at their own resolution, heatmaps upsampled to them (the MVTec AD protocol), or at the model's scored "
+        "resolution, masks resized to the heatmaps (not comparable with published figures)."),
 ):
-    """Score the test split of DATA (folder layout: never images the checkpoint trained on, unless --test-fraction
-    forces them) and print image AUROC, F1-max, pixel AUROC and AUPRO."""
+    """Score the test split of DATA in float32 (folder layout: never images the checkpoint trained on, unless
+    --test-fraction forces them) and print image AUROC, F1-max, pixel AUROC and AUPRO."""
     import torch
 
     from ssm.checkpoint import CheckpointError, load_checkpoint
@@ -225,7 +234,8 @@ def evaluate(
         ckpt = load_checkpoint(checkpoint, map_location=dev)
         split, tested = evaluation_split(data, layout.value, trained_on=ckpt.meta.get("data"), normal_dirs=normal_dir,
                                          abnormal_dirs=abnormal_dir, mask_dir=mask_dir, test_fraction=test_fraction)
-        result = run_evaluation(ckpt, split, batch_size=batch_size, device=dev, progress=not as_json)
+        result = run_evaluation(ckpt, split, batch_size=batch_size, device=dev, progress=not as_json,
+                                pixel_resolution=pixel_resolution.value)
     except (DataError, CheckpointError, ValueError) as e:
         _fail(str(e))
     if as_json:
@@ -236,6 +246,7 @@ def evaluate(
         typer.echo(f"{key:12s} {'n/a' if value is None else f'{value:.4f}'}")
     typer.echo(f"test images {result['n_test']} ({result['n_anomalous']} anomalous); checkpoint {ckpt.path}")
     typer.echo(tested)
+    typer.echo(f"pixel metrics at the {result['pixel_resolution']} resolution; scored in {result['precision']}")
 
 
 @app.command()

@@ -19,16 +19,19 @@ import numpy as np
 import pyarrow.dataset as pads
 from PIL import Image
 
-from ssm.data import DataError, load_layout, load_masks
-from ssm.metrics import aupro, f1_max, image_auroc, pixel_auroc
+from ssm.data import DataError, load_layout
+from ssm.evaluation import pixel_metrics_of
+from ssm.metrics import f1_max, image_auroc
 from ssm.model import ModelConfig
 from ssm.scoring import ScoringConfig
 from ssm.training import TrainConfig
 
 
-def metrics_from_scores(scores_dir: str, samples: Sequence, img_size: int, has_masks: bool) -> dict:
-    """Image and pixel metrics of a scoring job's Parquet output against a test split's labels and masks."""
-    table = pads.dataset(scores_dir, format="parquet").to_table(columns=["path", "image_score", "heatmap_png", "error"])
+def metrics_from_scores(scores_dir: str, samples: Sequence, has_masks: bool) -> dict:
+    """Image and pixel metrics of a scoring job's Parquet output against a test split's labels and masks;
+    pixel metrics as `ssm evaluate` computes them: at the masks' own resolution, heatmaps upsampled to it."""
+    table = pads.dataset(scores_dir, format="parquet").to_table(
+        columns=["path", "image_score", "heatmap_png", "width", "height", "error"])
     rows = {os.path.abspath(p): i for i, p in enumerate(table.column("path").to_pylist())}
     missing = [s.path for s in samples if os.path.abspath(s.path) not in rows]
     if missing:
@@ -41,13 +44,12 @@ def metrics_from_scores(scores_dir: str, samples: Sequence, img_size: int, has_m
     labels = np.array([s.label for s in samples])
     scores = np.array(table.column("image_score").to_pylist(), dtype=np.float64)[idx]
     result = {"image_auroc": image_auroc(labels, scores), "f1_max": f1_max(labels, scores),
-              "pixel_auroc": None, "aupro": None, "n_test": len(samples), "n_anomalous": int(labels.sum())}
+              "pixel_auroc": None, "aupro": None, "pixel_resolution": "ground-truth", "n_test": len(samples),
+              "n_anomalous": int(labels.sum())}
     if has_masks:
-        pngs = table.column("heatmap_png").to_pylist()
-        maps = np.stack([np.asarray(Image.open(io.BytesIO(pngs[i])), dtype=np.float32) for i in idx])
-        masks = load_masks(samples, img_size)
-        result["pixel_auroc"] = pixel_auroc(masks, maps)
-        result["aupro"] = aupro(masks, maps)
+        pngs, widths, heights = (table.column(c).to_pylist() for c in ("heatmap_png", "width", "height"))
+        maps = [np.asarray(Image.open(io.BytesIO(pngs[i]))) for i in idx]
+        result.update(pixel_metrics_of(samples, maps, [(widths[i], heights[i]) for i in idx]))
     return result
 
 
@@ -109,7 +111,7 @@ def run_demo(
     summary = score([str(manifest)], run.best, str(out_dir / "scores"), workers=workers, address=address, progress=False)
 
     echo("[4/5] evaluating the scoring job's output")
-    metrics = metrics_from_scores(str(out_dir / "scores"), split.test, img_size, split.has_masks)
+    metrics = metrics_from_scores(str(out_dir / "scores"), split.test, split.has_masks)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     echo("[5/5] writing the report")

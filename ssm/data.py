@@ -269,15 +269,19 @@ def decode_for(source: str | os.PathLike | bytes, model_config, name: str | None
     return decode_image(source, model_config.channels, model_config.img_size, name, frames=frames)
 
 
-def decode_mask(source: str | os.PathLike | bytes, size: int, name: str | None = None) -> np.ndarray:
-    """Decode a ground-truth mask to bool (size, size): any nonzero pixel is anomalous.
+def decode_mask(
+    source: str | os.PathLike | bytes, size: int | tuple[int, int] | None, name: str | None = None
+) -> np.ndarray:
+    """Decode a ground-truth mask to bool: any nonzero pixel is anomalous.
 
-    Resized with nearest neighbour so the mask stays binary.
+    `size`: an int for (size, size), (height, width), or None to keep the mask's own resolution. Resized
+    with nearest neighbour so the mask stays binary.
     """
     a, _ = decode_image(source, channels=1, size=None, name=name)
+    height, width = (size, size) if isinstance(size, int) else size or a.shape[1:]
     binary = Image.fromarray((a[0] > 0).astype(np.uint8) * 255, mode="L")
-    if binary.size != (size, size):
-        binary = binary.resize((size, size), Image.NEAREST)
+    if binary.size != (width, height):
+        binary = binary.resize((width, height), Image.NEAREST)
     return np.asarray(binary) > 0
 
 

@@ -9,6 +9,8 @@ Labels and masks: 1 / True = anomalous. Scores and heatmaps: higher = more anoma
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from skimage.measure import label as label_regions
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
@@ -40,31 +42,83 @@ def f1_max(labels, scores) -> float:
     return float(f1.max())
 
 
-def _pixel_inputs(masks, heatmaps) -> tuple[np.ndarray, np.ndarray]:
-    masks = np.asarray(masks).astype(bool)
-    heatmaps = np.asarray(heatmaps, dtype=np.float64)
-    if masks.ndim == 2 and heatmaps.ndim == 2:  # a single image
-        masks, heatmaps = masks[None], heatmaps[None]
-    if masks.shape != heatmaps.shape or masks.ndim != 3:
-        raise ValueError(f"masks and heatmaps must both be (N, H, W), got {masks.shape} and {heatmaps.shape}")
-    if not np.isfinite(heatmaps).all():
+def _pixel_inputs(masks, heatmaps, upsample: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+    """Masks as a list of bool (H_i, W_i) arrays and all heatmap pixels as one flat float array, in order.
+
+    `masks` and `heatmaps`: (N, H, W) arrays, one (H, W) image, or sequences of 2-D arrays whose shapes may
+    differ from image to image. Each heatmap must have its mask's shape, or with `upsample` it is resized to
+    it (bilinear, float32). The flat copy is float32 unless a heatmap is float64: the only full-size copy.
+    """
+    def images(a) -> list:
+        if isinstance(a, (list, tuple)):
+            return list(a)
+        a = np.asarray(a)
+        return list(a) if a.ndim == 3 else [a]
+
+    masks, heatmaps = images(masks), images(heatmaps)
+    if len(masks) != len(heatmaps):
+        raise ValueError(f"got {len(masks)} masks but {len(heatmaps)} heatmaps")
+    masks = [np.asarray(m).astype(bool, copy=False) for m in masks]
+    for i, (m, h) in enumerate(zip(masks, heatmaps)):
+        if m.ndim != 2 or np.ndim(h) != 2 or (np.shape(h) != m.shape and not upsample):
+            raise ValueError(
+                f"masks and heatmaps must both be (N, H, W) or lists of (H, W) arrays of equal shapes; image {i} "
+                f"has a mask of shape {m.shape} and a heatmap of shape {np.shape(h)}"
+            )
+    if not masks:
+        raise ValueError("no images: pixel metrics need at least one mask and heatmap")
+    wide = any(isinstance(h, np.ndarray) and h.dtype == np.float64 for h in heatmaps)
+    flat = np.empty(sum(m.size for m in masks), dtype=np.float64 if wide else np.float32)
+    start = 0
+    for m, h in zip(masks, heatmaps):
+        flat[start : start + m.size] = (upsample_to(h, m.shape) if upsample else np.asarray(h)).reshape(-1)
+        start += m.size
+    if not np.isfinite(flat).all():
         raise ValueError("heatmaps contain NaN or infinite values")
-    return masks, heatmaps
+    return masks, flat
 
 
-def pixel_auroc(masks: np.ndarray, heatmaps: np.ndarray) -> float:
-    """AUROC over all pixels of all images: masks (N, H, W) bool against heatmaps (N, H, W)."""
-    masks, heatmaps = _pixel_inputs(masks, heatmaps)
-    if masks.all() or not masks.any():
+def upsample_to(heatmap, shape: tuple[int, int]) -> np.ndarray:
+    """One (h, w) heatmap (numpy or torch, any real dtype) resized to `shape` = (H, W): bilinear with
+    half-pixel centres (align_corners=False, antialiased when shrinking), in float32."""
+    if isinstance(heatmap, torch.Tensor):
+        t = heatmap.detach().to("cpu", torch.float32)
+    else:
+        t = torch.from_numpy(np.array(heatmap, dtype=np.float32))  # a float32 copy: the map is small
+    if tuple(t.shape) != tuple(shape):
+        t = F.interpolate(t[None, None], size=tuple(shape), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    return t.numpy()
+
+
+def pixel_metrics(masks, heatmaps, upsample: bool = True) -> dict[str, float | None]:
+    """Pixel AUROC and AUPRO of heatmaps against ground-truth masks, the MVTec AD protocol: each heatmap
+    upsampled (bilinear, float32) to its own mask's resolution, masks and maps given as lists of 2-D arrays of
+    any sizes. Both are None when no pixel is anomalous, or every pixel is."""
+    masks, flat = _pixel_inputs(masks, heatmaps, upsample)
+    positives = sum(int(m.sum()) for m in masks)
+    if positives == 0 or positives == flat.size:
+        return {"pixel_auroc": None, "aupro": None}
+    return {"pixel_auroc": _pixel_auroc(masks, flat), "aupro": _aupro(masks, flat)}
+
+
+def pixel_auroc(masks, heatmaps) -> float:
+    """AUROC over all pixels of all images: masks (N, H, W) bool against heatmaps (N, H, W), or lists of
+    (H_i, W_i) masks and heatmaps of matching shapes."""
+    return _pixel_auroc(*_pixel_inputs(masks, heatmaps))
+
+
+def _pixel_auroc(masks: list[np.ndarray], scores: np.ndarray) -> float:
+    truth = np.concatenate([m.reshape(-1) for m in masks])
+    if truth.all() or not truth.any():
         raise ValueError("pixel AUROC needs both anomalous (mask) and normal pixels")
-    return float(roc_auc_score(masks.reshape(-1), heatmaps.reshape(-1)))
+    return float(roc_auc_score(truth, scores))
 
 
-def aupro(masks: np.ndarray, heatmaps: np.ndarray, fpr_limit: float = 0.3) -> float:
+def aupro(masks, heatmaps, fpr_limit: float = 0.3) -> float:
     """Area under the per-region-overlap curve up to `fpr_limit` false-positive rate, divided by `fpr_limit`.
 
-    Regions are the 8-connected components of each image's mask. At a threshold t,
-    PRO(t) = mean over all regions of the fraction of the region's pixels scoring >= t, and
+    Masks and heatmaps as for `pixel_auroc`. Regions are the 8-connected components of each image's mask.
+    At a threshold t, PRO(t) = mean over all regions of the fraction of the region's pixels scoring >= t, and
     FPR(t) = fraction of all normal pixels (mask False, every image) scoring >= t.
     The curve through every distinct threshold is integrated with the trapezoid rule from FPR 0 up to
     exactly `fpr_limit` (interpolating the last segment), so a perfect heatmap scores 1.0.
@@ -74,35 +128,37 @@ def aupro(masks: np.ndarray, heatmaps: np.ndarray, fpr_limit: float = 0.3) -> fl
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    masks, heatmaps = _pixel_inputs(masks, heatmaps)
+    return _aupro(*_pixel_inputs(masks, heatmaps), fpr_limit)
 
+
+def _aupro(masks: list[np.ndarray], heatmaps: np.ndarray, fpr_limit: float = 0.3) -> float:
     # Give every region a global id (0 = normal pixel), image by image.
-    region_ids = np.zeros(masks.shape, dtype=np.int64)
-    n_regions = 0
-    for i, mask in enumerate(masks):
+    region_ids = np.zeros(heatmaps.size, dtype=np.int32)
+    n_regions, start = 0, 0
+    for mask in masks:
         ids, n = label_regions(mask, connectivity=2, return_num=True)
-        region_ids[i] = np.where(ids > 0, ids + n_regions, 0)
-        n_regions += n
+        region_ids[start : start + mask.size] = np.where(ids > 0, ids + n_regions, 0).reshape(-1)
+        n_regions, start = n_regions + n, start + mask.size
     if n_regions == 0:
         raise ValueError("AUPRO needs at least one anomalous region: every mask is empty")
-    region_ids = region_ids.reshape(-1)
     region_size = np.bincount(region_ids, minlength=n_regions + 1)
     n_normal = int(region_size[0])
     if n_normal == 0:
         raise ValueError("AUPRO needs normal pixels: every mask pixel is anomalous")
 
     # Pixels in descending score order; the positives at threshold t are a prefix of this order.
-    order = np.argsort(heatmaps.reshape(-1), kind="stable")[::-1]
-    scores = heatmaps.reshape(-1)[order]
+    order = np.argsort(heatmaps, kind="stable")[::-1]
+    scores = heatmaps[order]
     ids = region_ids[order]
-    is_normal = ids == 0
-    overlap_weight = np.where(is_normal, 0.0, 1.0 / (n_regions * region_size[ids]))
-    pro = np.cumsum(overlap_weight)
-    fpr = np.cumsum(is_normal) / n_normal
+    del order, region_ids
+    overlap_weight = 1.0 / (n_regions * region_size)
+    overlap_weight[0] = 0.0
+    pro = np.cumsum(overlap_weight[ids])
+    fpr = np.cumsum(ids == 0, dtype=np.int64)
 
     # Tied scores form one threshold: keep only the last pixel of each run of equal scores.
     last_of_tie = np.append(np.flatnonzero(scores[1:] != scores[:-1]), scores.size - 1)
-    fpr = np.concatenate(([0.0], fpr[last_of_tie]))
+    fpr = np.concatenate(([0.0], fpr[last_of_tie] / n_normal))
     pro = np.concatenate(([0.0], np.minimum(pro[last_of_tie], 1.0)))
 
     # Integrate up to fpr_limit, cutting the segment that crosses it.

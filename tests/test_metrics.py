@@ -4,9 +4,10 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
-from ssm.metrics import aupro, f1_max, image_auroc, pixel_auroc
+from ssm.metrics import aupro, f1_max, image_auroc, pixel_auroc, pixel_metrics
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,14 +72,18 @@ def test_pixel_auroc_rejects_masks_without_anomalies():
 
 
 def _reference_aupro(masks, heatmaps, fpr_limit=0.3):
-    """Slow and obvious: a loop over every distinct threshold, a loop over every region."""
-    regions = []  # one boolean (N, H, W) map per region
-    for i in range(masks.shape[0]):
-        labelled, n = ndimage.label(masks[i], structure=np.ones((3, 3)))  # 8-connectivity
+    """Slow and obvious: a loop over every distinct threshold, a loop over every region. Images may differ in
+    shape: each is labelled on its own, then all pixels are laid end to end."""
+    sizes = np.cumsum([0] + [m.size for m in masks])
+    regions = []  # one boolean map over all pixels per region
+    for i, mask in enumerate(masks):
+        labelled, n = ndimage.label(mask, structure=np.ones((3, 3)))  # 8-connectivity
         for r in range(1, n + 1):
-            region = np.zeros(masks.shape, bool)
-            region[i] = labelled == r
+            region = np.zeros(sizes[-1], bool)
+            region[sizes[i] : sizes[i + 1]] = (labelled == r).reshape(-1)
             regions.append(region)
+    masks = np.concatenate([m.reshape(-1) for m in masks])
+    heatmaps = np.concatenate([h.reshape(-1) for h in heatmaps])
     normal = ~masks
 
     curve = [(0.0, 0.0)]  # threshold above every score: nothing flagged
@@ -128,6 +133,35 @@ def test_aupro_matches_slow_reference_with_ties_and_other_limits(fpr_limit):
     masks, heatmaps = _random_case(7, tied_levels=12)
     expected = _reference_aupro(masks, heatmaps, fpr_limit)
     assert aupro(masks, heatmaps, fpr_limit=fpr_limit) == pytest.approx(expected, abs=1e-9)
+
+
+def test_pixel_metrics_take_images_of_different_sizes():
+    # Three images of three shapes, as MVTec AD categories mix them; lists in, the same as the references.
+    rng = np.random.default_rng(4)
+    masks = [rng.random(shape) < 0.15 for shape in ((9, 14), (20, 7), (12, 12))]
+    masks[1][:] = False  # a normal image
+    heatmaps = [rng.random(m.shape).astype(np.float32) + 0.5 * m for m in masks]
+    flat_masks = np.concatenate([m.reshape(-1) for m in masks])
+    flat_maps = np.concatenate([h.reshape(-1) for h in heatmaps])
+    assert pixel_auroc(masks, heatmaps) == pytest.approx(_pairwise_auroc(flat_masks, flat_maps), abs=1e-12)
+    assert aupro(masks, heatmaps) == pytest.approx(_reference_aupro(masks, heatmaps), abs=1e-9)
+    with pytest.raises(ValueError, match="image 2"):
+        pixel_auroc(masks, heatmaps[:2] + [heatmaps[2][:, :11]])
+
+
+def test_pixel_metrics_upsample_each_heatmap_to_its_mask():
+    # Heatmaps at a model's 8 x 8 against masks at their own sizes: each map is upsampled bilinearly (pixel
+    # centres at half-integers, as PIL and the MVTec AD evaluation resize) to its mask, then scored.
+    rng = np.random.default_rng(5)
+    masks = [rng.random(shape) < 0.2 for shape in ((24, 40), (16, 16))]
+    heatmaps = [rng.random((8, 8)).astype(np.float32) for _ in masks]
+    up = [np.asarray(Image.fromarray(h, "F").resize(m.shape[::-1], Image.BILINEAR)) for m, h in zip(masks, heatmaps)]
+    got = pixel_metrics(masks, heatmaps)
+    assert got["pixel_auroc"] == pytest.approx(pixel_auroc(masks, up), abs=1e-6)
+    assert got["aupro"] == pytest.approx(aupro(masks, up), abs=1e-6)
+    assert pixel_metrics([np.zeros((4, 4), bool)], [np.ones((2, 2))]) == {"pixel_auroc": None, "aupro": None}
+    with pytest.raises(ValueError, match="2 masks but 1 heatmaps"):
+        pixel_metrics(masks, heatmaps[:1])
 
 
 def test_aupro_regions_are_eight_connected():

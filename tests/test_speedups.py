@@ -2,11 +2,13 @@
 compile, early exit off) and against the released code's procedure (benchmarks/score_speed.py).
 
 Tolerances: channels_last, the scorer's rewritten copy of the model (BN folded, 1x1 conv before upsampling),
-batching and compile agree to float32 rounding (1e-5); early exit is exact. bf16 autocast is not exact:
-pass-1 heatmaps and scores stay within 3 % relative (measured about 1.5 % on this small model); in pass 2
-the same refinement cells give the same result within 1 %, but a few cells whose share of pixels below tau
-sits right at rho can flip, so the two-pass image scores are held to 20 % relative (measured up to 10 %)
-and the refinement cells must agree on at least 97 % of cells.
+batching and compile agree to float32 rounding (1e-5); early exit is exact. bf16 autocast is not exact.
+Measured on this model (1 and 2 threads; native AMX bf16, and oneDNN held to AVX2 / AVX512 without bf16):
+pass-1 heatmaps 1.3-1.4 % relative (held to 2 %), pass-1 image scores up to 0.5 % (held to 0.8 %); the
+refinement cells agree on 98.9-99.2 % (held to 98 %), and where they all agree pass 2 stays within 0.13 %
+(held to 0.3 %); a few cells whose share of pixels below tau sits right at rho flip, which moves two-pass image
+scores by up to 11.6 % (held to 15 %). On bottle (benchmarks/bf16_accuracy.py, a W = 16, 64 px checkpoint)
+bf16 moved image AUROC by 0.017 and pixel AUROC by 0.004.
 """
 
 import importlib.util
@@ -147,22 +149,22 @@ def test_bf16_autocast_close_to_plain(model, images, plain):
     scorer, ref = plain
     fast = _like(scorer, model, amp=True, channels_last=True)
     first = fast.score(images, passes=1)
-    assert _rel(first.first_pass, ref.first_pass) < 0.03
+    assert _rel(first.first_pass, ref.first_pass) < 0.02
     plain_first = scorer.score(images, passes=1).image_scores
-    assert ((first.image_scores - plain_first).abs() / plain_first.abs()).max() < 0.03
+    assert ((first.image_scores - plain_first).abs() / plain_first.abs()).max() < 0.008
 
     # pass 2 from the same refinement cells: bf16 error only
     out = fast.score(images)
     tau, cell = scorer.config.tau, SIZE * scorer.config.refine_cell // 128
     agree = normal_cells(first.first_pass, tau, cell, 0.8) == normal_cells(ref.first_pass, tau, cell, 0.8)
-    assert agree.float().mean() >= 0.97
+    assert agree.float().mean() >= 0.98
     flipped = (~agree).flatten(1).any(1)
     same = ~flipped
     if same.any():
-        assert _rel(out.heatmaps[same], ref.heatmaps[same]) < 0.01
-    assert ((out.image_scores - ref.image_scores).abs() / ref.image_scores.abs()).max() < 0.2
+        assert _rel(out.heatmaps[same], ref.heatmaps[same]) < 0.003
+    assert ((out.image_scores - ref.image_scores).abs() / ref.image_scores.abs()).max() < 0.15
 
 
 def test_float32_by_default(model):
-    # bf16 moves bottle's AUROC by more than 0.002 (benchmarks/bf16_accuracy.py): an opt-in only
+    # bf16 moved bottle's image AUROC by 0.017 (benchmarks/bf16_accuracy.py): an opt-in only
     assert Scorer(model).amp is False and Scorer(model, amp=True).amp is True
