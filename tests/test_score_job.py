@@ -483,7 +483,7 @@ def test_listing_follows_symlinks_once_reads_manifests_and_names_empty_inputs(tm
 def test_every_input_image_gets_one_row_through_the_job(tmp_path, checkpoint, ray_local):
     """Tar links, nested tars and duplicate names, a symlink loop and a symlinked folder, a file name that is
     not UTF-8, multi-frame and EXIF-rotated images, a manifest with a byte-order mark, a folder line and
-    lines naming nothing: one row each, and a rerun finds them all done."""
+    lines naming nothing: one row each, and a rerun retries only the transient errors."""
     images = list(_good_images(6, seed=12).values())
     shard, members = _tricky_tar(images)
     data, more = tmp_path / "in", tmp_path / "more"
@@ -533,8 +533,13 @@ def test_every_input_image_gets_one_row_through_the_job(tmp_path, checkpoint, ra
     assert rows[(tar, "inner.tar/y.png")]["image_score"] == rows[(tar, "inner.tar/x.png")]["image_score"]
     assert rows[(f"{data}/caf\\xe9.png", None)]["image_score"] == rows[(tar, "inner.tar/x.png")]["image_score"]
 
+    # A rerun retries only the rows whose error may go away (lines naming nothing yet, a nested tar that a
+    # re-created archive may fix): they fail again; the link out of the archive stays as it is.
+    transient = {k for k, r in rows.items() if r["error_kind"] == "transient"}
+    assert transient == {(str(tmp_path / "nothing" / "*.png"), None), (str(tmp_path / "missing.png"), None),
+                         (tar, "broken.tar")}
     again = score([str(data), str(manifest)], checkpoint, out, batch_size=8, progress=False)
-    assert (again.scored, again.errors, again.skipped) == (0, 0, len(rows))
+    assert (again.scored, again.errors, again.skipped) == (0, len(transient), len(rows) - len(transient))
     assert set(_rows(out)[0]) == set(expected)
 
 
