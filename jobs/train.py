@@ -46,7 +46,7 @@ import torch
 from ray.train import UserCallback
 
 from jobs.storage import filesystem_for, fsspec_for, is_remote, join
-from ssm.calibration import Calibration, calibrate, check_calibration_size
+from ssm.calibration import Calibration, CalibrationError, calibrate, check_calibration_size
 from ssm.checkpoint import load_checkpoint, save_checkpoint
 from ssm.data import DataError, decode_for, load_layout
 from ssm.model import ModelConfig, SSMUNet
@@ -477,10 +477,14 @@ def train(
     history = result.return_value["history"]
 
     best = result.get_best_checkpoint("val_loss", "min")
-    calibration = Calibration.from_dict(ray.get(
-        ray.remote(_calibrate_checkpoint)
-        .options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
-        .remote(best, val_ref, cfg.batch_size, cfg.min_calibration_images)))
+    try:
+        calibration = Calibration.from_dict(ray.get(
+            ray.remote(_calibrate_checkpoint)
+            .options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
+            .remote(best, val_ref, cfg.batch_size, cfg.min_calibration_images)))
+    except CalibrationError as e:  # its own sentence, without the task's remote traceback
+        raise CalibrationError(f"{getattr(e, 'cause', e)}; the epoch checkpoints are kept in "
+                               f"{join(out, 'train')}") from None
     with best.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
         chosen = load_checkpoint(d)
         save_checkpoint(tmp, chosen.build_model(), chosen.model_config, chosen.scoring, calibration, chosen.meta)
