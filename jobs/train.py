@@ -291,8 +291,8 @@ def _train_loop(config: dict) -> dict:
 
 
 def _check_calibration_split(n_val: int, n_normal: int, cfg: TrainConfig) -> None:
-    """Before any training: enough held-out normal images for the calibration (CalibrationError saying what
-    to change otherwise)."""
+    """Enough readable held-out normal images for the calibration (CalibrationError saying what to change
+    otherwise)."""
     check_calibration_size(n_val, cfg.min_calibration_images, n_normal=n_normal, val_fraction=cfg.val_fraction)
 
 
@@ -413,7 +413,6 @@ def train(
 
     paths = list_training_images(data, layout, normal_dirs, abnormal_dirs, mask_dir)
     train_paths, val_paths = split_train_val(paths, cfg.val_fraction, cfg.seed)
-    _check_calibration_split(len(val_paths), len(paths), cfg)
     cpus_per_worker = start_ray(address, workers, cpus_per_worker, gpus_per_worker)
     train_ds, skipped = _decoded(train_paths, data, model_config)
     val_ds, val_skipped = _decoded(val_paths, data, model_config)
@@ -423,7 +422,7 @@ def train(
         example = f" (e.g. {skipped[0][1]})" if skipped else ""
         raise DataError(f"{data}: no readable {'training' if n_train == 0 else 'held-out validation'} images: "
                         f"{len(skipped)} of {len(paths)} failed to decode{example}; fix or replace them.")
-    _check_calibration_split(n_val, n_train + n_val, cfg)  # the readable ones
+    _check_calibration_split(n_val, n_train + n_val, cfg)  # the readable ones, before any training
     if n_train < workers:
         raise ValueError(f"--workers {workers} is more than the {n_train} training images; use fewer workers.")
     val_ref = ray.put([r["image"] for r in val_ds.take_all()])  # small: every worker takes a share
