@@ -43,9 +43,11 @@ def check_calibration_size(n_images: int, minimum: int = MIN_CALIBRATION_IMAGES,
         return
     advice = "add normal images"
     if n_normal and val_fraction is not None:
-        needed = minimum / n_normal
-        if n_normal - minimum >= 2:
-            advice += f" or raise --val-fraction from {val_fraction:g} to {np.ceil(needed * 100) / 100:g}"
+        needed = float(np.ceil(minimum / n_normal * 100) / 100)
+        if needed <= val_fraction:  # the fraction is enough on paper: unreadable images left the split short
+            advice += f", replace the unreadable ones, or raise --val-fraction above {val_fraction:g}"
+        elif n_normal - minimum >= 2:
+            advice += f" or raise --val-fraction from {val_fraction:g} to {needed:g}"
         else:
             advice += f" (with {n_normal} normal images no split leaves enough for both training and calibration)"
     raise CalibrationError(
