@@ -110,6 +110,13 @@ def train(
     refine_passes: int = typer.Option(2, help="Scoring passes (1 = no refinement)."),
     ratio: float = typer.Option(0.8, help="Refinement: a cell is normal when more than this fraction is below tau."),
     seed: int = typer.Option(0, help="Seed for the validation split, masks and initialisation."),
+    val_fraction: float = typer.Option(
+        0.1, "--val-fraction", help="Share of the normal images held out for the validation loss and the "
+        "calibration (at least --min-calibration-images of them)."),
+    min_calibration_images: Optional[int] = typer.Option(
+        None, "--min-calibration-images", help="Refuse to train when fewer held-out normal images are left for "
+        "the calibration (default 9: the fewest that give a usable score scale and threshold, see "
+        "ssm/calibration.py; lower it only for a rough calibration)."),
     workers: int = typer.Option(1, "--workers", help="Ray Train workers (data-parallel, DDP)."),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per worker (0 = train on CPUs)."),
     cpus_per_worker: Optional[float] = typer.Option(
@@ -123,6 +130,7 @@ def train(
     in_process: bool = typer.Option(False, "--in-process", help="Train in this process, without Ray."),
 ):
     """Train an SSM model on the normal images of DATA, then calibrate it on a held-out normal split."""
+    from ssm.calibration import MIN_CALIBRATION_IMAGES
     from ssm.data import DataError
     from ssm.model import ModelConfig
     from ssm.scoring import ScoringConfig
@@ -130,6 +138,15 @@ def train(
 
     ks = _k_values(k_values)
     _check_test_fraction(test_fraction, layout)
+    if min_calibration_images is None:
+        min_calibration_images = MIN_CALIBRATION_IMAGES
+    if not 0 < val_fraction < 1:
+        _fail(f"--val-fraction must be between 0 and 1 (a share of the normal images), got {val_fraction}")
+    if min_calibration_images < 2:
+        _fail(f"--min-calibration-images must be at least 2 (one image has no spread), got {min_calibration_images}")
+    if min_calibration_images < MIN_CALIBRATION_IMAGES:
+        typer.secho(f"warning: --min-calibration-images {min_calibration_images} is below {MIN_CALIBRATION_IMAGES}: the "
+                    "score scale and the decision threshold may be far off", fg=typer.colors.YELLOW, err=True)
     if tile is not None and (tile < 16 or tile % 16):
         _fail(f"--tile must be a multiple of 16 pixels (the UNet halves it four times), got {tile}")
     if scale != 1.0 and tile is None:
@@ -138,7 +155,8 @@ def train(
         model_cfg = ModelConfig(width=width, channels=1 if grayscale else 3, upsample=upsample,
                                 img_size=img_size if tile is None else tile, tiled=tile is not None, scale=scale)
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, beta=beta, gamma=gamma,
-                          k_values=ks, seed=seed, lr_steps=_int_list(lr_steps, "--lr-steps"))
+                          k_values=ks, seed=seed, lr_steps=_int_list(lr_steps, "--lr-steps"),
+                          val_fraction=val_fraction, min_calibration_images=min_calibration_images)
         scoring = ScoringConfig(k_values=ks, refine_passes=refine_passes, ratio=ratio, seed=seed)
         if in_process:
             _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, test_fraction, model_cfg, cfg,
@@ -156,7 +174,8 @@ def train(
         _fail(str(e))
     restarts = f"; resumed from epoch {', '.join(map(str, result.resumed_from))}" if result.resumed_from else ""
     typer.echo(
-        f"trained {epochs} epochs on {result.n_train} images ({result.n_val} held out) with {workers} worker(s)"
+        f"trained {epochs} epochs on {result.n_train} images ({result.n_val} normal images held out for validation "
+        f"and calibration) with {workers} worker(s)"
         f"{restarts}; best epoch {result.best_epoch} (validation loss {result.best_val_loss:.4f})\n"
         f"checkpoint: {result.best}\nimages skipped: {len(result.skipped)}"
     )
@@ -182,6 +201,7 @@ def _epoch_line(row: dict) -> None:
 def _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, test_fraction, model_cfg, cfg,
                       scoring) -> None:
     """The single-process `ssm.training.fit` (no Ray): local data only."""
+    from ssm.calibration import check_calibration_size
     from ssm.data import ImageDataset
     from ssm.training import fit, split_train_val
 
@@ -189,12 +209,15 @@ def _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, tes
         _fail("--in-process reads and writes local folders only; drop it to use s3:// through the Ray job.")
     split = _split(data, layout, normal_dir, abnormal_dir, mask_dir, test_fraction)
     train_paths, val_paths = split_train_val(split.train, cfg.val_fraction, cfg.seed)
+    check_calibration_size(len(val_paths), cfg.min_calibration_images, n_normal=len(split.train),
+                           val_fraction=cfg.val_fraction)
     result = fit(ImageDataset.for_model(train_paths, model_cfg, crop="random", seed=cfg.seed),
                  ImageDataset.for_model(val_paths, model_cfg, crop="fixed", seed=cfg.seed), out, model_cfg, cfg,
                  scoring, calibration_data=ImageDataset.for_model(val_paths, model_cfg) if model_cfg.tiled else None,
                  trained_on=split.source)
     typer.echo(
-        f"trained {cfg.epochs} epochs on {len(train_paths)} images ({len(val_paths)} held out); best epoch "
+        f"trained {cfg.epochs} epochs on {len(train_paths)} images ({len(val_paths)} normal images held out for "
+        f"validation and calibration); best epoch "
         f"{result.best_epoch} (validation loss {result.best_val_loss:.4f})\ncheckpoint: {result.best}"
     )
     _echo_test_split(split.source)
@@ -313,17 +336,26 @@ def submit(
     kind: JobKind = typer.Argument(..., help="train or score; the remaining arguments are that command's."),
     address: str = typer.Option(..., "--address", help="The cluster's job API, e.g. http://HEAD:8265."),
     wait: bool = typer.Option(False, "--wait", help="Follow the job's logs until it ends."),
-    token: Optional[str] = typer.Option(None, "--token", help="Ray auth token (default: RAY_AUTH_TOKEN or ~/.ray/auth_token)."),
+    token_file: Optional[Path] = typer.Option(
+        None, "--token-file", help="File holding the Ray auth token (default: RAY_AUTH_TOKEN, then ~/.ray/auth_token)."),
+    token: Optional[str] = typer.Option(
+        None, "--token", help="Deprecated: a token on the command line is visible to every user of this machine in "
+        "the process list; use RAY_AUTH_TOKEN or --token-file."),
 ):
-    """Submit `ssm train ...` or `ssm score ...` to a running Ray cluster through the Ray job API."""
+    """Submit `ssm train ...` or `ssm score ...` to a running Ray cluster through the Ray job API.
+
+    Only the project's code ships with the job (ssm/, jobs/, cli.py, pyproject.toml, cluster.yaml, README.md)."""
     from jobs.submit import SubmitError, follow
     from jobs.submit import submit as submit_job
 
+    if token is not None:
+        typer.secho("warning: --token is deprecated: the token is visible to every user of this machine in the "
+                    "process list; set RAY_AUTH_TOKEN or pass --token-file instead", fg=typer.colors.YELLOW, err=True)
     try:
-        job_id = submit_job(kind.value, list(ctx.args), address, token=token)
+        job_id = submit_job(kind.value, list(ctx.args), address, token=token, token_file=token_file)
         typer.echo(f"submitted {kind.value} job {job_id} to {address}")
         if wait:
-            status = follow(job_id, address, token=token, echo=typer.echo)
+            status = follow(job_id, address, token=token, echo=typer.echo, token_file=token_file)
             typer.echo(f"job {job_id} {status}")
             if status != "SUCCEEDED":
                 raise typer.Exit(1)

@@ -647,7 +647,7 @@ def _local_checkpoint(uri: str) -> str:
     """The checkpoint (or training run) at `uri` as a local directory; s3:// is downloaded once per machine."""
     try:
         return os.path.abspath(storage.localize(uri))
-    except FileNotFoundError as e:
+    except OSError as e:  # nothing there (FileNotFoundError), storage down or refusing (ConnectionError)
         raise CheckpointError(str(e)) from e
 
 

@@ -46,7 +46,7 @@ import torch
 from ray.train import UserCallback
 
 from jobs.storage import filesystem_for, fsspec_for, is_remote, join
-from ssm.calibration import Calibration, calibrate
+from ssm.calibration import Calibration, CalibrationError, calibrate, check_calibration_size
 from ssm.checkpoint import load_checkpoint, save_checkpoint
 from ssm.data import DataError, DatasetSplit, decode_for, load_layout
 from ssm.model import ModelConfig, SSMUNet
@@ -293,13 +293,20 @@ def _train_loop(config: dict) -> dict:
 # Calibration of the best checkpoint, where the workers ran
 
 
-def _calibrate_checkpoint(checkpoint, val_images, batch_size: int) -> dict:
+def _check_calibration_split(n_val: int, n_normal: int, cfg: TrainConfig) -> None:
+    """Enough readable held-out normal images for the calibration (CalibrationError saying what to change
+    otherwise)."""
+    check_calibration_size(n_val, cfg.min_calibration_images, n_normal=n_normal, val_fraction=cfg.val_fraction)
+
+
+def _calibrate_checkpoint(checkpoint, val_images, batch_size: int, min_images: int) -> dict:
     """Calibrate on the held-out images as scoring will see them: whole (a tiled model scores by tiles)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with checkpoint.as_directory() as d:
         scorer = load_checkpoint(d, map_location=device).scorer(device)
     images = [torch.from_numpy(np.asarray(a)).float().div_(255.0) for a in val_images]
-    return calibrate(scorer, [images[i : i + batch_size] for i in range(0, len(images), batch_size)]).to_dict()
+    return calibrate(scorer, [images[i : i + batch_size] for i in range(0, len(images), batch_size)],
+                     min_images=min_images).to_dict()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -342,6 +349,10 @@ def _check_run_dir(out: str, resume: bool, job: dict) -> None:
     if changed:
         raise ValueError(f"--resume {out}: the model differs from the run's ({', '.join(changed)}); pass the "
                          f"run's --width/--img-size/--grayscale/--upsample or start a new run.")
+    held_out = json.loads(saved).get("train", {}).get("val_fraction", job["train"]["val_fraction"])
+    if held_out != job["train"]["val_fraction"]:
+        raise ValueError(f"--resume {out}: the run holds out --val-fraction {held_out:g}; pass it again (another "
+                         f"fraction would validate and calibrate on images the run trained on).")
 
 
 def _check_same_images(out: str, resume: bool, source: dict) -> None:
@@ -430,6 +441,7 @@ def train(
         example = f" (e.g. {skipped[0][1]})" if skipped else ""
         raise DataError(f"{data}: no readable {'training' if n_train == 0 else 'held-out validation'} images: "
                         f"{len(skipped)} of {len(paths)} failed to decode{example}; fix or replace them.")
+    _check_calibration_split(n_val, n_train + n_val, cfg)  # the readable ones, before any training
     if n_train < workers:
         raise ValueError(f"--workers {workers} is more than the {n_train} training images; use fewer workers.")
     val_ref = ray.put([r["image"] for r in val_ds.take_all()])  # small: every worker takes a share
@@ -483,10 +495,14 @@ def train(
     history = result.return_value["history"]
 
     best = result.get_best_checkpoint("val_loss", "min")
-    calibration = Calibration.from_dict(ray.get(
-        ray.remote(_calibrate_checkpoint)
-        .options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
-        .remote(best, val_ref, cfg.batch_size)))
+    try:
+        calibration = Calibration.from_dict(ray.get(
+            ray.remote(_calibrate_checkpoint)
+            .options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
+            .remote(best, val_ref, cfg.batch_size, cfg.min_calibration_images)))
+    except CalibrationError as e:  # its own sentence, without the task's remote traceback
+        raise CalibrationError(f"{getattr(e, 'cause', e)}; the epoch checkpoints are kept in "
+                               f"{join(out, 'train')}") from None
     with best.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
         chosen = load_checkpoint(d)
         save_checkpoint(tmp, chosen.build_model(), chosen.model_config, chosen.scoring, calibration, chosen.meta)

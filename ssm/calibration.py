@@ -22,6 +22,41 @@ if TYPE_CHECKING:
 
 _MAX_PIXEL_SAMPLES = 4_000_000
 
+# The fewest held-out normal images a calibration is measured on. Both estimates it makes need about nine:
+# - the fusion divides each score by a sample standard deviation over n images, whose relative standard error
+#   is about 1 / sqrt(2 (n - 1)): at most 25 % from n = 9 (with 2 images it is 71 %);
+# - the decision threshold is the 99th percentile of the n normal image scores, which below 100 images is
+#   (close to) the largest of them; a new normal image scores above the largest of n with probability
+#   1 / (n + 1): at most 10 % from n = 9 (33 % with 2 images).
+MIN_CALIBRATION_IMAGES = 9
+
+
+class CalibrationError(ValueError):
+    """A calibration that would not mean anything: too few normal images, or scores that do not vary."""
+
+
+def check_calibration_size(n_images: int, minimum: int = MIN_CALIBRATION_IMAGES, *, n_normal: int | None = None,
+                           val_fraction: float | None = None) -> None:
+    """Refuse a calibration on fewer than `minimum` normal images; with the training set's size and validation
+    fraction, the message says which fraction would hold out enough."""
+    if n_images >= minimum:
+        return
+    advice = "add normal images"
+    if n_normal and val_fraction is not None:
+        needed = float(np.ceil(minimum / n_normal * 100) / 100)
+        if needed <= val_fraction:  # the fraction is enough on paper: unreadable images left the split short
+            advice += f", replace the unreadable ones, or raise --val-fraction above {val_fraction:g}"
+        elif n_normal - minimum >= 2:
+            advice += f" or raise --val-fraction from {val_fraction:g} to {needed:g}"
+        else:
+            advice += f" (with {n_normal} normal images no split leaves enough for both training and calibration)"
+    raise CalibrationError(
+        f"calibration needs at least {minimum} held-out normal images and the validation split has {n_images}"
+        f"{f' (of {n_normal} normal images, --val-fraction {val_fraction:g})' if n_normal else ''}: {advice}. "
+        f"With fewer, the score scale and the decision threshold are guesses (see ssm/calibration.py); "
+        f"--min-calibration-images N accepts a rougher calibration."
+    )
+
 
 @dataclass
 class Calibration:
@@ -45,8 +80,19 @@ class Calibration:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def _spread(values: np.ndarray) -> float:
-    return float(max(values.std(), 1e-3 * abs(values.mean()), 1e-8))
+def _spread(values: np.ndarray, what: str) -> float:
+    """The standard deviation that normalises one score component; refused when it is (close to) zero: the
+    normal images would all score the same, and every other image far from them by an arbitrary amount."""
+    if not np.isfinite(values).all():
+        raise CalibrationError(f"calibration: the {what} is NaN or infinite on {int((~np.isfinite(values)).sum())} "
+                               f"of {values.size} normal images: the model diverged; retrain with a lower --lr")
+    std, mean = float(values.std()), float(values.mean())
+    if std <= max(1e-3 * abs(mean), 1e-8):
+        raise CalibrationError(
+            f"calibration: the {what} barely varies over the {values.size} normal images (mean {mean:.6g}, "
+            f"spread {std:.3g}), so it cannot scale scores: the images are (near) duplicates or the model's output "
+            f"does not depend on them; use varied normal images, or retrain")
+    return std
 
 
 def calibrate(
@@ -54,16 +100,21 @@ def calibrate(
     batches: Iterable[torch.Tensor],
     pixel_quantile: float = 0.99,
     image_quantile: float = 0.99,
+    min_images: int = MIN_CALIBRATION_IMAGES,
 ) -> Calibration:
     """Measure the calibration on batches of held-out normal images; sets it on the scorer.
+
+    Refuses (CalibrationError) fewer than `min_images` images and a score component that does not vary.
 
     A batch is a (B, C, H, W) tensor, or a list of (C, H, W) images of any size for a tiled model: each goes
     through `Scorer.score_images`, as scoring will. The batches are read twice (tau first, then the refined
     scores), so pass a list or a re-iterable.
     """
     batches = list(batches)
-    if not batches or sum(len(b) for b in batches) == 0:
-        raise ValueError("calibration needs at least one held-out normal image")
+    n_images = sum(len(b) for b in batches)
+    if n_images == 0:
+        raise CalibrationError("calibration needs at least one held-out normal image")
+    check_calibration_size(n_images, max(min_images, 2))  # one image has no spread at all
     rng = np.random.default_rng(0)
     saved_tau, saved_cal = scorer.config.tau, scorer.calibration
     scorer.calibration = None
@@ -85,8 +136,8 @@ def calibrate(
     finally:
         scorer.config.tau, scorer.calibration = saved_tau, saved_cal
 
-    max_loc, max_scale = float(hmax.mean()), _spread(hmax)
-    mse_loc, mse_scale = float(err.mean()), _spread(err)
+    max_loc, max_scale = float(hmax.mean()), _spread(hmax, "heatmap maximum")
+    mse_loc, mse_scale = float(err.mean()), _spread(err, "reconstruction error")
     fused = (hmax - max_loc) / max_scale + (err - mse_loc) / mse_scale
     # Normal maxima sit in the lower half of the display range; anomalies reach the top of it.
     vmax = 2.0 * float(np.quantile(hmax, image_quantile))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .calibration import Calibration, calibrate
+from .calibration import MIN_CALIBRATION_IMAGES, Calibration, calibrate, check_calibration_size
 from .checkpoint import save_checkpoint
 from .losses import ssm_loss
 from .masks import cell_sizes, complementary_masks, image_keys, random_keys
@@ -42,6 +42,7 @@ class TrainConfig:
     n_masks: int = 3
     val_fraction: float = 0.1
     seed: int = 0
+    min_calibration_images: int = MIN_CALIBRATION_IMAGES  # held-out normal images the calibration needs
     amp: bool | None = None  # bf16 autocast; None = on for CUDA
 
     def to_dict(self) -> dict:
@@ -164,6 +165,7 @@ def fit(
         raise ValueError("the training split is empty")
     if len(val_data) == 0:
         raise ValueError("the validation split is empty: calibration needs held-out normal images")
+    check_calibration_size(len(val_data if calibration_data is None else calibration_data), cfg.min_calibration_images)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(out_dir)
@@ -208,6 +210,7 @@ def fit(
 
     best = load_checkpoint(out / "best", map_location=device)
     scorer = Scorer(best.build_model(device), scoring)
-    cal = calibrate(scorer, val_batches if calibration_data is None else image_batches(calibration_data, cfg.batch_size))
+    cal = calibrate(scorer, val_batches if calibration_data is None else image_batches(calibration_data, cfg.batch_size),
+                    min_images=cfg.min_calibration_images)
     save_checkpoint(out / "best", scorer.model, model_config, scoring, cal, best.meta)
     return FitResult(out, out / "best", best_epoch, best_loss, cal, history)

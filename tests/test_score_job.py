@@ -141,7 +141,7 @@ def checkpoint(tmp_path_factory):
     rng = np.random.default_rng(1)
     normals = torch.stack([torch.from_numpy(_texture(rng, 32, 32)).permute(2, 0, 1).float() / 255 for _ in range(8)])
     scoring = ScoringConfig()
-    cal = calibrate(Scorer(model, scoring), [normals])
+    cal = calibrate(Scorer(model, scoring), [normals], min_images=2)  # a fixture: the values do not matter
     return str(save_checkpoint(tmp_path_factory.mktemp("run") / "best", model, cfg, scoring, cal))
 
 

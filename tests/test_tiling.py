@@ -119,7 +119,7 @@ def test_fit_on_random_crops_calibrates_on_whole_images(tmp_path):
     first = [train_ds[0] for _ in range(3)]
     assert all(c.shape == (1, TILE, TILE) for c in first) and not torch.equal(first[0], first[1])
     result = fit(train_ds, ImageDataset.for_model(val, cfg, crop="fixed"), tmp_path / "run", cfg,
-                 TrainConfig(epochs=2, batch_size=4, lr=1e-3), progress=False,
+                 TrainConfig(epochs=2, batch_size=4, lr=1e-3, min_calibration_images=2), progress=False,
                  calibration_data=ImageDataset.for_model(val, cfg))
     ckpt = load_checkpoint(result.best)
     assert ckpt.model_config.tiled and ckpt.model_config.img_size == TILE
@@ -137,7 +137,7 @@ def tiled_checkpoint(tmp_path_factory):
     rng = np.random.default_rng(3)
     normals = [torch.from_numpy(_part(rng, 48, 140)[None] / 255.0).float() for _ in range(6)]
     scoring = ScoringConfig()
-    cal = calibrate(Scorer(model, scoring, amp=False), [normals])
+    cal = calibrate(Scorer(model, scoring, amp=False), [normals], min_images=2)  # a fixture: values do not matter
     return str(save_checkpoint(tmp_path_factory.mktemp("tiled") / "best", model, cfg, scoring, cal))
 
 
@@ -177,7 +177,8 @@ def test_ray_train_job_trains_on_crops_of_non_square_images(tmp_path, ray_local)
     _write_parts(root / "test" / "good", 1, rng, size=(40, 110))
     cfg = ModelConfig(width=4, channels=1, img_size=TILE, tiled=True)
     result = train(str(root), str(tmp_path / "run"), model_config=cfg,
-                   cfg=TrainConfig(epochs=2, batch_size=4, lr=1e-3), workers=1)
+                   cfg=TrainConfig(epochs=2, batch_size=4, lr=1e-3, val_fraction=0.25, min_calibration_images=2),
+                   workers=1)
     assert [row["epoch"] for row in result.history] == [1, 2]
     assert all(np.isfinite(row["loss"]) for row in result.history)
     ckpt = load_checkpoint(result.best)

@@ -97,7 +97,7 @@ def killed_run(ray_local, tmp_path_factory):
 
     t0 = time.perf_counter()
     result = train(str(data), str(root / "run"), model_config=MODEL,
-                   cfg=TrainConfig(epochs=6, batch_size=4, lr=2e-3, lr_steps=()),
+                   cfg=TrainConfig(epochs=6, batch_size=4, lr=2e-3, lr_steps=(), min_calibration_images=2),
                    workers=2, cpus_per_worker=1, keep=2, max_failures=2, on_epoch=on_epoch)
     print(f"killed run: {time.perf_counter() - t0:.1f} s")
     return result, rows, killed, root / "run"
@@ -168,7 +168,8 @@ def test_s3_data_and_storage_then_resume_from_the_cli(s3_server, ray_local, tmp_
             client.upload_file(str(f), bucket, f"data/{f.relative_to(local)}")
     data, run = f"s3://{bucket}/data", f"s3://{bucket}/run"
 
-    result = train(data, run, model_config=MODEL, cfg=TrainConfig(epochs=2, batch_size=4, lr=2e-3),
+    result = train(data, run, model_config=MODEL, cfg=TrainConfig(epochs=2, batch_size=4, lr=2e-3, val_fraction=0.3,
+                                                                  min_calibration_images=2),
                    workers=2, cpus_per_worker=1, keep=1)
     assert [h["epoch"] for h in result.history] == [1, 2] and len(result.skipped) == 1
     assert result.skipped[0][0] == f"s3://{bucket}/data/train/good/broken.png"
@@ -179,7 +180,8 @@ def test_s3_data_and_storage_then_resume_from_the_cli(s3_server, ray_local, tmp_
     # --resume continues the stopped run from its latest checkpoint (epoch 2) up to the new --epochs
     out = CliRunner().invoke(app, ["train", data, "--resume", run, "--epochs", "3", "--batch-size", "4",
                                    "--img-size", str(SIZE), "--width", "8", "--lr", "2e-3", "--workers", "2",
-                                   "--cpus-per-worker", "1", "--keep", "1"])
+                                   "--cpus-per-worker", "1", "--keep", "1", "--val-fraction", "0.3",
+                                   "--min-calibration-images", "2"])
     assert out.exit_code == 0, out.output
     assert "resumed from epoch 2" in out.output and "images skipped: 1" in out.output
     assert f"checkpoint: {run}/best" in out.output
@@ -238,6 +240,17 @@ def test_unreadable_training_data_fails_before_training(tmp_path, ray_local):
     assert not (tmp_path / "run" / "train").exists()
 
 
+def test_too_few_held_out_images_fail_before_training(tmp_path, ray_local):
+    # 16 normal images and a corrupt one: 2 held out at --val-fraction 0.1, too few to calibrate on
+    data = write_mvtec(tmp_path / "data", n_train=16)
+    out, _ = _cli(data, "--out", tmp_path / "run")
+    assert out.exit_code == 2, out.output
+    assert ("calibration needs at least 9 held-out normal images and the validation split has 2 (of 16 normal "
+            "images, --val-fraction 0.1): add normal images or raise --val-fraction from 0.1 to 0.57"
+            ) in out.output.replace("\n", " ")
+    assert not (tmp_path / "run" / "train").exists()
+
+
 def test_existing_run_needs_resume(tmp_path, ray_local):
     data = write_mvtec(tmp_path / "data", n_train=3, corrupt=False)
     (tmp_path / "run").mkdir()
@@ -250,7 +263,8 @@ def test_existing_run_needs_resume(tmp_path, ray_local):
 
 def test_in_process_flag_runs_plain_fit(tmp_path):
     data = write_mvtec(tmp_path / "data", n_train=6, corrupt=False)
-    out, _ = _cli(data, "--out", tmp_path / "run", "--in-process", "--epochs", "1", "--batch-size", "4")
+    out, _ = _cli(data, "--out", tmp_path / "run", "--in-process", "--epochs", "1", "--batch-size", "4",
+                  "--val-fraction", "0.34", "--min-calibration-images", "2")
     assert out.exit_code == 0, out.output
     assert load_checkpoint(tmp_path / "run").calibration is not None
     assert (tmp_path / "run" / "last" / "ssm.json").is_file()  # fit's own layout: no Ray run folder

@@ -53,7 +53,7 @@ def test_split_is_deterministic_and_disjoint():
 def test_fit_writes_calibrated_best_checkpoint(tmp_path):
     x = _textures(12)
     result = fit(x[:10], x[10:], tmp_path / "run", ModelConfig(width=8, img_size=32),
-                 TrainConfig(epochs=2, batch_size=4, lr=1e-3), progress=False)
+                 TrainConfig(epochs=2, batch_size=4, lr=1e-3, min_calibration_images=2), progress=False)
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(h["images_per_s"] > 0 and h["val_loss"] > 0 for h in history)
