@@ -61,11 +61,12 @@ def run_demo(
     texture: str = "brick",
     epochs: int = 30,
     width: int = 16,
-    img_size: int = 64,
+    img_size: int = 48,
     batch_size: int = 8,
     lr: float = 2e-3,
     workers: int = 1,
     address: str | None = None,
+    seed: int = 0,
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Run the whole chain under `out`; returns the metrics and where everything is."""
@@ -81,11 +82,15 @@ def run_demo(
             shutil.rmtree(out_dir / own)
     if data is None:
         data = str(out_dir / "data")
-        if not (Path(data) / "train").is_dir():
-            info = make_demo_dataset(data, size=img_size, texture=texture)
-            echo(f"[1/5] dataset: {sum(info['counts'].values())} {texture} images with synthetic defects in {data}")
-        else:
+        # Reused only when made with the same settings (kept beside it), so a run's figures follow its flags.
+        made_with, settings = out_dir / "data.json", json.dumps({"size": img_size, "texture": texture, "seed": seed})
+        if (Path(data) / "train").is_dir() and made_with.is_file() and made_with.read_text() == settings:
             echo(f"[1/5] dataset: reusing {data}")
+        else:
+            shutil.rmtree(data, ignore_errors=True)
+            info = make_demo_dataset(data, size=img_size, texture=texture, seed=seed)
+            made_with.write_text(settings)
+            echo(f"[1/5] dataset: {sum(info['counts'].values())} {texture} images with synthetic defects in {data}")
         layout = "mvtec"
     else:
         echo(f"[1/5] dataset: {data} ({layout} layout)")
@@ -95,7 +100,8 @@ def run_demo(
     run = train(
         data, str(out_dir / "run"), layout=layout, normal_dirs=normal_dirs, abnormal_dirs=abnormal_dirs,
         mask_dir=mask_dir, model_config=ModelConfig(width=width, img_size=img_size),
-        cfg=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_steps=(9, 18, 27)), scoring=ScoringConfig(),
+        cfg=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_steps=(15, 25), seed=seed),
+        scoring=ScoringConfig(seed=seed),
         workers=workers, address=address,
         on_epoch=lambda row: echo(f"      epoch {row['epoch']:3d}  loss {row['loss']:.4f}  val {row['val_loss']:.4f}"),
     )
