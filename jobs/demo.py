@@ -59,6 +59,7 @@ def run_demo(
     abnormal_dirs: Sequence[str] = (),
     mask_dir: str | None = None,
     texture: str = "brick",
+    n_train: int = 120,
     epochs: int = 30,
     width: int = 16,
     img_size: int = 48,
@@ -83,12 +84,13 @@ def run_demo(
     if data is None:
         data = str(out_dir / "data")
         # Reused only when made with the same settings (kept beside it), so a run's figures follow its flags.
-        made_with, settings = out_dir / "data.json", json.dumps({"size": img_size, "texture": texture, "seed": seed})
+        made_with, settings = out_dir / "data.json", json.dumps({"size": img_size, "texture": texture, "n_train": n_train,
+                                                             "seed": seed})
         if (Path(data) / "train").is_dir() and made_with.is_file() and made_with.read_text() == settings:
             echo(f"[1/5] dataset: reusing {data}")
         else:
             shutil.rmtree(data, ignore_errors=True)
-            info = make_demo_dataset(data, size=img_size, texture=texture, seed=seed)
+            info = make_demo_dataset(data, size=img_size, n_train=n_train, texture=texture, seed=seed)
             made_with.write_text(settings)
             echo(f"[1/5] dataset: {sum(info['counts'].values())} {texture} images with synthetic defects in {data}")
         layout = "mvtec"
