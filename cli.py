@@ -290,7 +290,7 @@ def demo(
     img_size: int = typer.Option(48, help="Square image size."),
     workers: int = typer.Option(1, help="Ray Train workers and scoring actors."),
     address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster instead of starting one."),
-    seed: int = typer.Option(0, help="Seed of the generated dataset and of training: the same seed gives the same figures."),
+    seed: int = typer.Option(0, help="Seed of the generated data and of training: same seed, same figures."),
 ):
     """Build a dataset (or take --data), train on Ray, score through Ray Data, evaluate, write an HTML report."""
     from jobs.demo import run_demo

@@ -84,8 +84,8 @@ def run_demo(
     if data is None:
         data = str(out_dir / "data")
         # Reused only when made with the same settings (kept beside it), so a run's figures follow its flags.
-        made_with, settings = out_dir / "data.json", json.dumps({"size": img_size, "texture": texture, "n_train": n_train,
-                                                             "seed": seed})
+        made_with = out_dir / "data.json"
+        settings = json.dumps({"size": img_size, "texture": texture, "n_train": n_train, "seed": seed})
         if (Path(data) / "train").is_dir() and made_with.is_file() and made_with.read_text() == settings:
             echo(f"[1/5] dataset: reusing {data}")
         else:
