@@ -374,9 +374,10 @@ def demo(
     texture: str = typer.Option("brick", help="Texture of the generated dataset: brick, grass or gravel."),
     epochs: int = typer.Option(30, help="Training epochs."),
     width: int = typer.Option(16, help="UNet width W."),
-    img_size: int = typer.Option(64, help="Square image size."),
+    img_size: int = typer.Option(48, help="Square image size."),
     workers: int = typer.Option(1, help="Ray Train workers and scoring actors."),
     address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster instead of starting one."),
+    seed: int = typer.Option(0, help="Seed of the generated data and of training: same seed, same figures."),
 ):
     """Build a dataset (or take --data), train on Ray, score through Ray Data, evaluate, write an HTML report."""
     from jobs.demo import run_demo
@@ -386,7 +387,7 @@ def demo(
     try:
         result = run_demo(out, data=data, layout=layout.value, normal_dirs=normal_dir, abnormal_dirs=abnormal_dir,
                           mask_dir=mask_dir, texture=texture, epochs=epochs, width=width, img_size=img_size,
-                          workers=workers, address=address, echo=typer.echo)
+                          workers=workers, address=address, seed=seed, echo=typer.echo)
     except (DataError, CheckpointError, ValueError) as e:
         _fail(str(e))
     m = result["metrics"]

@@ -89,7 +89,7 @@ def add_anomaly(
 def _patch(base: np.ndarray, rng: np.random.Generator, donor: np.ndarray):
     """Paste a rectangle of foreign material, brightness matched so its texture is what differs."""
     size = base.shape[0]
-    h, w = (rng.uniform(0.14, 0.24, size=2) * size).astype(int)
+    h, w = (rng.uniform(0.2, 0.3, size=2) * size).astype(int)
     scale = rng.uniform(1.6, 2.5) if rng.random() < 0.5 else rng.uniform(0.4, 0.6)
     src_h = int(np.clip(h * scale, 2, donor.shape[0]))
     src_w = int(np.clip(w * scale, 2, donor.shape[1]))
@@ -134,7 +134,7 @@ def _scratch(base: np.ndarray, rng: np.random.Generator):
 def _blob(base: np.ndarray, rng: np.random.Generator):
     """A filled ellipse whose brightness shifts most at its centre, with added grain, like a stain."""
     size = base.shape[0]
-    a, b = rng.uniform(0.06, 0.11, size=2) * size
+    a, b = rng.uniform(0.09, 0.14, size=2) * size
     cy, cx = rng.uniform(0.2, 0.8, size=2) * size
     rotation = rng.uniform(-np.pi, np.pi)
     region = np.zeros(base.shape, bool)

@@ -52,7 +52,7 @@ from ssm.data import DataError, DatasetSplit, decode_for, load_layout
 from ssm.model import ModelConfig, SSMUNet
 from ssm.scoring import ScoringConfig
 from ssm.tiling import random_crop
-from ssm.training import TrainConfig, make_optimizer, split_train_val, training_step, validation_loss
+from ssm.training import TrainConfig, make_optimizer, seed_of, split_train_val, training_step, validation_loss
 
 TRAIN_STATE = "train_state.pt"  # beside the library's model.pt and ssm.json in every epoch checkpoint
 RAY_RUN = "train"  # RunConfig(name): Ray Train's folder inside RUN
@@ -151,8 +151,9 @@ def _decoded(paths: list[str], data_uri: str, model_config: ModelConfig):
 
     filesystem, _ = filesystem_for(data_uri)
     scheme = data_uri.split("://", 1)[0] + "://" if is_remote(data_uri) else ""
-    decoded = (ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem)
-               .map_batches(_decode, fn_kwargs={"model_config": model_config, "scheme": scheme}, batch_size=32)
+    read = ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem)
+    read.context.execution_options.preserve_order = True  # blocks in file order, not in order of completion
+    decoded = (read.map_batches(_decode, fn_kwargs={"model_config": model_config, "scheme": scheme}, batch_size=32)
                .materialize())
     skipped = sorted((r["path"], r["error"]) for r in decoded.select_columns(["path", "error"]).take_all()
                      if r["error"])
@@ -247,12 +248,17 @@ def _train_loop(config: dict) -> dict:
     shard = ray.train.get_dataset_shard("train")
     drop_last = config["n_train"] // world > batch_size
     for epoch in range(start, cfg.epochs):
-        random.seed(f"{cfg.seed}:{rank}:{epoch}")  # the per-batch mask scale, reproducible after a restart
+        # Every draw of an epoch comes from (seed, rank, epoch): mask scales and keys, tiled crops (a new crop of
+        # each image every epoch) and the shuffle buffer. A run repeats exactly; a restarted epoch draws the same.
+        tag = f"{cfg.seed}:{rank}:{epoch}"
+        random.seed(tag)
+        torch.manual_seed(seed_of(tag))
+        crops = random.Random(f"{tag}:crops")
         model.train()
         t0, seen, sums = time.perf_counter(), 0, dict.fromkeys(PART_NAMES, 0.0)
-        crops = random.Random(f"{cfg.seed}:{rank}:{epoch}:crops")  # tiled: a new crop of each image every epoch
         for batch in shard.iter_batches(batch_size=batch_size, drop_last=drop_last, batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * batch_size, prefetch_batches=2):
+                                        local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed_of(tag),
+                                        prefetch_batches=2):
             x = _model_inputs(batch["image"], model_config, crops).to(device, non_blocking=True)
             loss, parts = training_step(model, x, cfg)
             opt.zero_grad(set_to_none=True)
@@ -409,6 +415,7 @@ def train(
     """
     import ray
     import ray.train
+    from ray.data import RandomSeedConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
@@ -449,8 +456,12 @@ def train(
         _write_text(join(out, "job.json"), json.dumps(job, indent=1))
 
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
-    shuffled = train_ds.randomize_block_order()  # and a local shuffle buffer on each worker
+    # A new block order every epoch (Ray counts the executions), the same in every run with this seed; and a
+    # seeded shuffle buffer on each worker. preserve_order makes the split among workers deterministic too.
+    shuffled = train_ds.randomize_block_order(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
     shuffled.context.enable_progress_bars = False  # re-read every epoch: no progress bars for it
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     storage_fs, storage_path = filesystem_for(out)
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
@@ -470,6 +481,7 @@ def train(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # the driver prints one line an epoch
         ),
         datasets={"train": shuffled},
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
 
     # Ray Train's fit() must run in the main thread (it installs a SIGINT handler): relay epochs beside it.

@@ -8,6 +8,7 @@ held-out normal split, then calibrates it on that same split (never on test labe
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -98,6 +99,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones(), gamma=cfg.lr_decay)
     return opt, sched
+
+
+def seed_of(tag: str) -> int:
+    """A 32-bit seed from a text tag such as "seed:rank:epoch" (the same on every machine and Python)."""
+    return int.from_bytes(hashlib.blake2b(tag.encode(), digest_size=4).digest(), "little")
 
 
 def split_train_val(items: Sequence, val_fraction: float, seed: int = 0) -> tuple[list, list]:
