@@ -181,7 +181,9 @@ def _run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-MODEL = ["--img-size", SIZE, "--width", 8, "--epochs", 1, "--batch-size", 4, "--in-process", "--layout", "folder"]
+# Two validation images: a rough calibration, accepted explicitly (the default minimum is 9).
+MODEL = ["--img-size", SIZE, "--width", 8, "--epochs", 1, "--batch-size", 4, "--in-process", "--layout", "folder",
+         "--val-fraction", 0.2, "--min-calibration-images", 2]
 
 
 def _evaluate(data, run, *args):
@@ -193,7 +195,7 @@ def _evaluate(data, run, *args):
 def test_train_on_a_train_folder_and_evaluate_on_a_test_folder(folders):
     out = _run("train", folders, "--out", folders / "run", "--normal-dir", "train/normal", *MODEL)
     assert out.exit_code == 0, out.output
-    assert "on 9 images (1 held out)" in out.output  # all 10, less the validation image
+    assert "on 8 images (2 normal images held out for validation" in out.output  # all 10, less the validation images
     assert "normal images held out for testing: none (all 10" in out.output
     from ssm.checkpoint import load_checkpoint
 
@@ -219,7 +221,7 @@ def test_train_on_a_mixed_folder_set_and_evaluate_its_held_out_part(folders):
     dirs = ["--normal-dir", "mixed/good", "--abnormal-dir", "mixed/bad"]
     out = _run("train", folders, "--out", folders / "run", *dirs, *MODEL)
     assert out.exit_code == 0, out.output
-    assert "on 11 images (1 held out)" in out.output  # 15 normals, 3 kept for testing, 1 for validation
+    assert "on 10 images (2 normal images held out for validation" in out.output  # 15 normals, 3 kept for testing, 2 for validation
     assert "normal images held out for testing: 3 of 15" in out.output
 
     out = _run("evaluate", folders, "--checkpoint", folders / "run", "--layout", "folder", *dirs)
