@@ -35,7 +35,7 @@ def bricks(tmp_path_factory):
 
 def _fit(root, out, seed, model_config=TINY):
     train, val = split_train_val(load_layout(str(root), "mvtec").train, 0.2, seed)
-    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, seed=seed)
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, seed=seed, min_calibration_images=3)  # 3 of 14 validate
     fit(ImageDataset.for_model(train, model_config, crop="random", seed=seed),
         ImageDataset.for_model(val, model_config, crop="fixed", seed=seed), out, model_config, cfg, progress=False,
         calibration_data=ImageDataset.for_model(val, model_config) if model_config.tiled else None)
@@ -58,7 +58,8 @@ def test_ray_train_repeats_exactly_with_its_seed(bricks, tmp_path, ray_local, wo
 
     def run(name, seed):
         train(str(bricks), str(tmp_path / name), model_config=TINY,
-              cfg=TrainConfig(epochs=2, batch_size=4, lr=1e-3, seed=seed, val_fraction=0.2), workers=workers)
+              cfg=TrainConfig(epochs=2, batch_size=4, lr=1e-3, seed=seed, val_fraction=0.2, min_calibration_images=3),
+              workers=workers)
         return _outcome(tmp_path / name)
 
     first, again = run("a", 0), run("b", 0)
