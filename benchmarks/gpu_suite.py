@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = TrainConfig(epochs=1 if dry else args.epochs, batch_size=2 if dry else 32)
     if dry:  # a handful of images: hold out half for validation and calibrate on them
         cfg = replace(cfg, val_fraction=0.5, min_calibration_images=2)
+        torch.set_num_threads(1)  # tiny tensors: more threads only wait on each other on a busy machine
     results: dict = {
         "suite": "gpu", "dry_run": dry, "device": str(device), "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
