@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 if [[ " $* " != *" --dry-run "* ]]; then
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 fi
-PYTHONUNBUFFERED=1 exec python benchmarks/gpu_suite.py "$@"
+PYTHONUNBUFFERED=1 exec "${PYTHON:-python3}" benchmarks/gpu_suite.py "$@"

@@ -17,7 +17,7 @@ def no_ray_env(tmp_path):
     """An environment whose `import ray` raises ImportError (a stand-in package first on PYTHONPATH)."""
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "__init__.py").write_text("raise ImportError('ray is not installed here')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "PYTHON": sys.executable}
     probe = subprocess.run([sys.executable, "-c", "import ray"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "ray is not installed here" in probe.stderr
     return env
