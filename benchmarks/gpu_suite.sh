@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one process, without Ray (see gpu_suite.py): the paper's recipe on MVTec bottle with the
-# standard evaluation, scorer throughput, training throughput; one JSON line last. About 6 minutes on one GPU.
+# standard evaluation, scorer throughput, training throughput; one JSON line last. Time boxes keep it under
+# 8 minutes on one GPU.
 # Usage: benchmarks/gpu_suite.sh [--data DATA/mvtec_bottle] [--compile] [--cuda-graphs] [--dry-run]
 set -euo pipefail
 cd "$(dirname "$0")/.."

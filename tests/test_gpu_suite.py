@@ -72,3 +72,11 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(no_ray_env, tmp_pat
     assert str(tmp_path / "missing") in out["recipe"]["error"]
     assert "error" not in out["scorer"] and out["scorer"]["ratio"] > 0
     assert "error" not in out["train_throughput"] and out["train_throughput"]["largest_batch"] == 4
+
+
+@pytest.mark.slow
+def test_the_recipe_box_stops_training_and_still_evaluates(no_ray_env):
+    recipe = run_suite(no_ray_env, "--epochs", "3", "--recipe-box-s", "0")["recipe"]
+    assert "error" not in recipe, recipe
+    assert recipe["complete"] is False and recipe["epochs_run"] == 1 and recipe["epochs"] == 3
+    assert is_number(recipe["image_auroc"]) and is_number(recipe["aupro"])
