@@ -113,10 +113,12 @@ def train_rate(model, opt, x: torch.Tensor, cfg: TrainConfig, steps: int, device
 
 def train_throughput(device: torch.device, width: int, size: int, cfg: TrainConfig, first: int, largest: int,
                      steps: int, deadline: float) -> dict:
-    """Training images/s at batch `first`, then doubling up to `largest` until out of memory or the deadline."""
+    """Training images/s at batch `first`, then doubling up to `largest` until out of memory (or another error
+    after the first batch) or the deadline; "stopped" says which."""
     torch.manual_seed(cfg.seed)
     model = SSMUNet(ModelConfig(width=width, img_size=size)).to(device).to(memory_format=torch.channels_last)
     opt, _ = make_optimizer(model, cfg)
+    base = smooth_images(first, size, 3, seed=0).to(device)  # larger batches repeat it, built on the device
     rows, stopped, batch = [], "largest batch tried", first
     while batch <= largest:
         if time.monotonic() > deadline:
@@ -126,12 +128,17 @@ def train_throughput(device: torch.device, width: int, size: int, cfg: TrainConf
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            x = smooth_images(batch, size, 3, seed=batch).to(device)
+            x = base.repeat(batch // first, 1, 1, 1)
             rows.append({"batch_size": batch, "images_per_s": train_rate(model, opt, x, cfg, steps, device),
                          "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0})
             print(f"  train batch {batch}: {rows[-1]['images_per_s']:.1f} img/s", flush=True)
         except torch.cuda.OutOfMemoryError:
             stopped = f"out of memory at batch {batch}"
+            break
+        except RuntimeError as e:  # past memory, huge batches can hit kernels' size limits (32-bit indexing)
+            if not rows:
+                raise
+            stopped = f"batch {batch}: {type(e).__name__}: {str(e)[:200]}"
             break
         finally:
             del x
@@ -140,8 +147,8 @@ def train_throughput(device: torch.device, width: int, size: int, cfg: TrainConf
         batch *= 2
     best = max(rows, key=lambda r: r["batch_size"]) if rows else None
     return {
-        "rows": rows, "stopped": stopped,
-        f"batch_{first}_images_per_s": rows[0]["images_per_s"] if rows and rows[0]["batch_size"] == first else None,
+        "rows": rows, "stopped": stopped, "first_batch": first,
+        "first_batch_images_per_s": rows[0]["images_per_s"] if rows and rows[0]["batch_size"] == first else None,
         "largest_batch": best["batch_size"] if best else None,
         "largest_batch_images_per_s": best["images_per_s"] if best else None,
     }
