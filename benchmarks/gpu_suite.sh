@@ -4,8 +4,7 @@
 # 8 minutes on one GPU.
 # Usage: benchmarks/gpu_suite.sh [--data DATA/mvtec_bottle] [--compile] [--cuda-graphs] [--dry-run]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 if [[ " $* " != *" --dry-run "* ]]; then
-    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 fi
-PYTHONUNBUFFERED=1 exec "${PYTHON:-python3}" benchmarks/gpu_suite.py "$@"
+PYTHONUNBUFFERED=1 exec "${PYTHON:-python3}" "$(dirname "$0")/gpu_suite.py" "$@"
