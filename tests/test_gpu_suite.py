@@ -1,0 +1,83 @@
+"""benchmarks/gpu_suite.sh --dry-run: the GPU suite's code on the CPU with tiny settings, where `import ray`
+fails, so the suite keeps running without Ray (the GPU machine has none) and its JSON keeps its shape."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def no_ray_env(tmp_path):
+    """An environment whose `import ray` raises ImportError (a stand-in package first on PYTHONPATH)."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "__init__.py").write_text("raise ImportError('ray is not installed here')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "PYTHON": sys.executable}
+    probe = subprocess.run([sys.executable, "-c", "import ray"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "ray is not installed here" in probe.stderr
+    return env
+
+
+def run_suite(env, *args) -> dict:
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--dry-run", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@pytest.mark.slow
+def test_dry_run_without_ray_prints_every_part(no_ray_env):
+    out = run_suite(no_ray_env)
+    assert out["dry_run"] is True and out["device"] == "cpu" and (out["width"], out["size"]) == (4, 32)
+    assert is_number(out["total_s"])
+
+    recipe = out["recipe"]
+    assert "error" not in recipe, recipe
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert is_number(recipe[key]) and 0.0 <= recipe[key] <= 1.0, (key, recipe[key])
+    assert is_number(recipe["train_s"]) and recipe["train_s"] > 0
+    assert recipe["complete"] is True and recipe["epochs_run"] == recipe["epochs"] == 1
+    assert recipe["pixel_resolution"] == "ground-truth" and recipe["n_test"] == 4
+
+    scorer = out["scorer"]
+    assert "error" not in scorer, scorer
+    assert [r["batch_size"] for r in scorer["batches"]] == [2, 4]
+    for row in scorer["batches"]:
+        assert is_number(row["images_per_s"]) and row["images_per_s"] > 0
+        assert is_number(row["fraction_of_matmul"]) and row["fraction_of_matmul"] > 0
+    assert scorer["best_batch_size"] in (2, 4)
+    for key in ("scorer_images_per_s", "naive_images_per_s", "ratio", "fraction_of_matmul", "bf16_matmul_tflops"):
+        assert is_number(scorer[key]) and scorer[key] > 0, (key, scorer[key])
+    assert scorer["compile"] is False and scorer["cuda_graphs"] is False
+
+    train = out["train_throughput"]
+    assert "error" not in train, train
+    assert [r["batch_size"] for r in train["rows"]] == [2, 4]
+    assert train["largest_batch"] == 4 and train["stopped"] == "largest batch tried"
+    assert train["first_batch"] == 2 and is_number(train["first_batch_images_per_s"])
+    assert is_number(train["largest_batch_images_per_s"])
+
+
+@pytest.mark.slow
+def test_a_failing_part_is_recorded_and_the_others_still_run(no_ray_env, tmp_path):
+    out = run_suite(no_ray_env, "--data", str(tmp_path / "missing"))
+    assert str(tmp_path / "missing") in out["recipe"]["error"]
+    assert "error" not in out["scorer"] and out["scorer"]["ratio"] > 0
+    assert "error" not in out["train_throughput"] and out["train_throughput"]["largest_batch"] == 4
+
+
+@pytest.mark.slow
+def test_the_recipe_box_stops_training_and_still_evaluates(no_ray_env):
+    recipe = run_suite(no_ray_env, "--epochs", "3", "--recipe-box-s", "0")["recipe"]
+    assert "error" not in recipe, recipe
+    assert recipe["complete"] is False and recipe["epochs_run"] == 1 and recipe["epochs"] == 3
+    assert is_number(recipe["image_auroc"]) and is_number(recipe["aupro"])
