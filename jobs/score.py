@@ -889,7 +889,7 @@ def score(
     with OutputLock(out) as lock:
         state = read_output(out)
         check_same_run(out, state, metadata)
-        listed = {s.uri for s in sources}  # rows of inputs not given this time are left as they are
+        listed = {s.key for s in sources}  # rows of inputs not given this time are left as they are
         retry = {key for key in state.to_retry(retry_errors) if key[0] in listed}
         latest = state.latest()
         units, skipped = _plan_units(sources, set(latest) - retry)

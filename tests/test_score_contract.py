@@ -244,3 +244,19 @@ def test_threshold_must_be_finite(tmp_path, checkpoint):
         with pytest.raises(ValueError, match="--threshold must be a finite number"):
             score([str(tmp_path)], checkpoint, str(tmp_path / "out"), threshold=bad, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_rerun_retries_transient_errors_of_files_whose_names_are_not_utf8(tmp_path, checkpoint, ray_local):
+    """The output's path escapes such a name (\\xNN): the retry must still match it to the file listed."""
+    folder = tmp_path / "images"
+    _write(folder, _good_images(1, seed=26))
+    name = os.fsdecode(b"caf\xe9.png")
+    (folder / name).symlink_to(folder / "later.png")  # dangling until the target appears: transient
+    out = tmp_path / "scores"
+    first = score([str(folder)], checkpoint, str(out), batch_size=4, progress=False)
+    assert (first.scored, first.errors) == (1, 1)
+    (folder / "later.png").write_bytes(_good_images(1, seed=27)["img_27_000.png"])
+    second = score([str(folder)], checkpoint, str(out), batch_size=4, progress=False)
+    assert (second.retried, second.scored, second.errors) == (1, 2, 0)
+    escaped = str(folder / "caf\\xe9.png")
+    assert [k for k in _plain_read(out) if k[0] == escaped] == [(escaped, None, None)]
