@@ -153,6 +153,13 @@ class OutputState:
 
 
 def _check_folder(out: str):
+    if storage.is_remote(out):  # a storage that is down fails here in seconds and in one line
+        try:
+            storage.probe(out)
+        except FileNotFoundError:
+            pass  # a new prefix
+        except ConnectionError as e:
+            raise DataError(f"--out {e}") from None
     fs, root = storage.fsspec_for(out)
     if fs.exists(root) and not fs.isdir(root):
         raise DataError(f"--out {out} is a file; give a folder or an s3:// prefix for the Parquet files.")

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -260,3 +261,18 @@ def test_rerun_retries_transient_errors_of_files_whose_names_are_not_utf8(tmp_pa
     assert (second.retried, second.scored, second.errors) == (1, 2, 0)
     escaped = str(folder / "caf\\xe9.png")
     assert [k for k in _plain_read(out) if k[0] == escaped] == [(escaped, None, None)]
+
+
+def test_unreachable_s3_out_is_one_line(tmp_path, checkpoint, monkeypatch):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for var, value in {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", raising=False)
+    images = _write(tmp_path / "images", _good_images(1, seed=28))
+    result = CliRunner().invoke(app, ["score", *images, "--checkpoint", checkpoint, "--out", "s3://bucket/scores"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"--out s3://bucket/scores: cannot reach the storage at {endpoint}" in lines[0], lines
