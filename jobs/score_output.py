@@ -304,7 +304,11 @@ class OutputLock:
         elif storage.is_remote(self.out):
             self._acquire_remote(fs, f"{root}/{LOCK_NAME}")
         else:
-            self._acquire_local(os.path.join(root, LOCK_NAME))
+            try:
+                self._acquire_local(os.path.join(root, LOCK_NAME))
+            except OSError as e:  # a path under a file, a read-only or missing mount
+                raise DataError(f"--out {self.out}: cannot write there ({type(e).__name__}: {e.strerror or e}); "
+                                f"give a folder you can write to.") from None
         return self
 
     def __exit__(self, *exc) -> None:

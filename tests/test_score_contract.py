@@ -276,3 +276,13 @@ def test_unreachable_s3_out_is_one_line(tmp_path, checkpoint, monkeypatch):
     assert result.exit_code == 2, (result.output, result.exception)
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and f"--out s3://bucket/scores: cannot reach the storage at {endpoint}" in lines[0], lines
+
+
+def test_out_that_cannot_be_created_is_one_line(tmp_path, checkpoint):
+    images = _write(tmp_path / "images", _good_images(1, seed=29))
+    (tmp_path / "a_file").write_bytes(b"x")
+    out = tmp_path / "a_file" / "scores"  # under a file: cannot be made a folder
+    result = CliRunner().invoke(app, ["score", *images, "--checkpoint", checkpoint, "--out", str(out)])
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"--out {out}: cannot write there (NotADirectoryError" in lines[0], lines
