@@ -81,6 +81,14 @@ _TRANSIENT_ERRORS = re.compile(
 Key = tuple[str, str]  # (path, member or "")
 
 
+def is_part(path: str, fs) -> bool:
+    """Whether the file at `path` is one of the job's files: named like one, with the b"ssm" metadata."""
+    if not _PART.fullmatch(posixpath.basename(path)):
+        return False
+    with fs.open(path, "rb") as f:
+        return METADATA_KEY in (pq.ParquetFile(f).schema_arrow.metadata or {})
+
+
 def error_kind(error: str | None) -> str | None:
     """"transient", "permanent" or None (no error) for an error message written by the job."""
     if not error:

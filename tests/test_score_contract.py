@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 import jobs.score_output as score_output
 from cli import app
+from jobs.report import write_report
 from jobs.score import decode_sources, score
 from jobs.score_output import LOCK_NAME, OutputLock, error_kind
 from ssm.checkpoint import load_checkpoint
@@ -153,6 +154,8 @@ def test_files_under_out_that_are_not_the_jobs_are_left_alone(tmp_path, checkpoi
     files = set(out.glob("part-*.parquet")) - {out / "part-20240101000000-000000-0123456789abcdef.parquet"}
     assert len(files) == 1
     assert sorted(pq.read_table(files.pop())["path"].to_pylist()) == sorted(images)
+    counts = write_report(str(out), str(tmp_path / "report.html"))  # reads the job's files only
+    assert (counts["images"], counts["scored"]) == (2, 2)
 
     # Resuming with another scoring rule is refused: same weights, another ssm.json; a non-finite threshold.
     other = tmp_path / Path(checkpoint).parent.name / "best"  # the same name: only the content differs
