@@ -173,6 +173,39 @@ def _walk_local(root: str) -> Iterator[Source]:
                 yield Source(os.path.join(folder, f), kind)
 
 
+def _folders_once(root: str) -> Iterator[str]:
+    """`root` and the folders under it, following symlinked folders, each real folder once, shallowest first;
+    hidden folders are skipped (as glob's `**` skips them)."""
+    seen: set[str] = set()
+    queue = [root]
+    for folder in queue:  # grows while it is read: breadth first
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        yield folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        queue.extend(e.path for e in entries if not e.name.startswith(".") and e.is_dir())
+
+
+def _glob_local(pattern: str) -> list[str]:
+    """glob.glob(pattern, recursive=True), except that each `**` visits every real folder once: glob's own
+    `**` follows a symlink loop until the path is too long, and with two links back up that is 2**40 paths."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        return glob.glob(pattern)
+    i = parts.index("**")
+    base = os.sep.join(parts[:i]) or (os.sep if pattern.startswith(os.sep) else os.curdir)
+    rest = os.sep.join(parts[i + 1 :])
+    bases = [b for b in (glob.glob(base) if any(c in base for c in _GLOB_CHARS) else [base]) if os.path.isdir(b)]
+    if not rest:  # "DIR/**": the folders themselves, walked as folders are
+        return bases
+    return [m for b in bases for d in _folders_once(b) for m in _glob_local(os.path.join(glob.escape(d), rest))]
+
+
 def _manifest_line(uri: str) -> Iterator[Source]:
     """What one manifest line names: a file (scored whatever its extension), or the images of a folder
     (local; s3:// when the line ends with "/") or glob. A line that names nothing is still yielded as a
@@ -226,7 +259,7 @@ def _expand(given: str) -> Iterator[Source]:
             matches = sorted((p, info["type"] == "directory") for p, info in fs.glob(path, detail=True).items())
         else:
             # Shallowest first: a file also reached through a loop of symlinked folders keeps its short path.
-            found = sorted(glob.glob(path, recursive=True), key=lambda p: (p.count(os.sep), p))
+            found = sorted(_glob_local(path), key=lambda p: (p.count(os.sep), p))
             matches = [(p, os.path.isdir(p)) for p in found]
         for m, is_dir in matches:
             if is_dir:

@@ -438,6 +438,7 @@ def test_listing_follows_symlinks_once_reads_manifests_and_names_empty_inputs(tm
     _write(root, {"a.png": png})
     _write(tmp_path / "elsewhere", {"c.png": png})
     os.symlink("..", root / "sub" / "loop")  # a loop back up the tree
+    os.symlink("..", root / "sub" / "loop2")  # and another: glob's own `**` would walk 2**40 paths
     os.symlink(tmp_path / "elsewhere", root / "linked")  # a symlinked folder
     odd = os.path.join(os.fsencode(root), b"caf\xe9.png")  # a file name that is not UTF-8
     with open(odd, "wb") as f:
