@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import posixpath
+import stat
 import tarfile
 import time
 from collections.abc import Iterator, Sequence
@@ -93,7 +94,7 @@ _FILES_PER_UNIT = 32  # image files per decode task; each tar shard gets a task 
 _DECODE_WORKER_MEMORY = 400 << 20
 _DECODE_HELD_BYTES = 256 << 20
 _DECODE_PEAK_PER_PIXEL = {"reduced": 8, "full": 32}
-_MAX_MEMBER_BYTES = 1 << 30  # a tar member larger than this is an error row, not read into memory
+_MAX_MEMBER_BYTES = 1 << 30  # a file or tar member larger than this is an error row, not read into memory
 _GLOB_CHARS = "*?["
 # Fault injection for the tests: "N:MARKER" makes a scoring actor exit hard after N batches, once (the
 # marker file records that it happened, so the restarted actor carries on).
@@ -366,6 +367,11 @@ def _plan_units(sources: Sequence[Source], done: set[tuple[str, str]]) -> tuple[
 
 def _read_bytes(uri: str) -> bytes:
     if not storage.is_remote(uri):
+        st = os.stat(uri)  # a pipe would block the task and a device (/dev/zero) fill its memory
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+            raise DataError(f"{uri}: not a regular file (a pipe, socket or device); only files are scored.")
+        if st.st_size > _MAX_MEMBER_BYTES:
+            raise DataError(f"{uri}: file of {st.st_size:,} bytes is too large to score.")
         with open(uri, "rb") as f:
             return f.read()
     fs, path = storage.fsspec_for(uri)
@@ -552,6 +558,8 @@ def _decode(data: bytes, model_config, name: str) -> tuple[np.ndarray | None, in
 
 def _unreadable(uri: str, e: Exception) -> str:
     """The error row's message for a file that cannot be read (named in a manifest, or gone since listing)."""
+    if isinstance(e, DataError):  # not a file we score: said by _read_bytes
+        return str(e)
     if isinstance(e, IsADirectoryError) or (not storage.is_remote(uri) and os.path.isdir(uri)):
         return f"{uri}: a folder with no images in it (extensions {', '.join(IMAGE_EXTENSIONS)}, or tar archives)."
     if not storage.is_remote(uri) and os.path.islink(uri) and not os.path.exists(uri):

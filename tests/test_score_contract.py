@@ -289,3 +289,19 @@ def test_out_that_cannot_be_created_is_one_line(tmp_path, checkpoint):
     assert result.exit_code == 2, (result.output, result.exception)
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and f"--out {out}: cannot write there (NotADirectoryError" in lines[0], lines
+
+
+def test_pipes_devices_and_huge_files_are_error_rows_not_hangs(tmp_path, checkpoint):
+    """A named pipe would block the decode task forever, a link to /dev/zero or a huge file fill its memory."""
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "zeros.png").symlink_to("/dev/zero")
+    with open(tmp_path / "huge.png", "wb") as f:  # sparse: takes no disk
+        f.truncate((1 << 30) + 1)
+    names = ["pipe.png", "zeros.png", "huge.png"]
+    units = {"kind": np.array(["images"]), "uris": np.array([json.dumps([str(tmp_path / n) for n in names])]),
+             "skip": np.array(["[]"])}
+    rows = [(Path(p).name, e) for b in decode_sources(units, load_checkpoint(checkpoint).model_config, rows=8)
+            for p, e in zip(b["path"], b["error"])]
+    assert [(n, error_kind(e)) for n, e in rows] == [(n, "permanent") for n in names]
+    assert "not a regular file" in rows[0][1] and "not a regular file" in rows[1][1]
+    assert "file of 1,073,741,825 bytes is too large to score" in rows[2][1]
