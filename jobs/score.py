@@ -365,11 +365,18 @@ def _plan_units(sources: Sequence[Source], done: set[tuple[str, str]]) -> tuple[
 # Decoding (CPU tasks)
 
 
+def _regular_file(uri: str) -> os.stat_result:
+    """The local file's stat; raises DataError for a pipe (reading it would block the task), a socket or a
+    device (/dev/zero would fill its memory)."""
+    st = os.stat(uri)
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{uri}: not a regular file (a pipe, socket or device); only files are scored.")
+    return st
+
+
 def _read_bytes(uri: str) -> bytes:
     if not storage.is_remote(uri):
-        st = os.stat(uri)  # a pipe would block the task and a device (/dev/zero) fill its memory
-        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-            raise DataError(f"{uri}: not a regular file (a pipe, socket or device); only files are scored.")
+        st = _regular_file(uri)
         if st.st_size > _MAX_MEMBER_BYTES:
             raise DataError(f"{uri}: file of {st.st_size:,} bytes is too large to score.")
         with open(uri, "rb") as f:
@@ -380,6 +387,7 @@ def _read_bytes(uri: str) -> bytes:
 
 def _open_binary(uri: str):
     if not storage.is_remote(uri):
+        _regular_file(uri)
         return open(uri, "rb")
     fs, path = storage.fsspec_for(uri)
     return fs.open(path, "rb")
@@ -539,7 +547,7 @@ def _tar_members(uri: str, skip: set[str]) -> Iterator[tuple[str | None, bytes |
     except Exception as e:  # tarfile.ReadError, EOFError, zlib/gzip errors, OSError from storage
         if failed:  # the archive's one error row is written already
             return
-        yield None, None, (
+        yield None, None, str(e) if isinstance(e, DataError) else (
             f"{uri}: cannot read the tar archive ({type(e).__name__}: {e}) after {count} image members; "
             f"it is corrupt or truncated: re-create it."
         )

@@ -305,3 +305,8 @@ def test_pipes_devices_and_huge_files_are_error_rows_not_hangs(tmp_path, checkpo
     assert [(n, error_kind(e)) for n, e in rows] == [(n, "permanent") for n in names]
     assert "not a regular file" in rows[0][1] and "not a regular file" in rows[1][1]
     assert "file of 1,073,741,825 bytes is too large to score" in rows[2][1]
+    os.mkfifo(tmp_path / "pipe.tar")
+    units = {"kind": np.array(["tar"]), "uris": np.array([json.dumps([str(tmp_path / "pipe.tar")])]),
+             "skip": np.array(["[]"])}
+    [batch] = decode_sources(units, load_checkpoint(checkpoint).model_config, rows=8)
+    assert list(batch["member"]) == [""] and "pipe.tar: not a regular file" in batch["error"][0]
