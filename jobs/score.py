@@ -447,10 +447,14 @@ def _tar_rows(tar: tarfile.TarFile, where: str, prefix: str, skip: set[str], key
             files[name] = (info.offset_data, info.size)
         elif info.issym() or info.islnk():
             links[name] = info
-        if kind is None or not (info.isfile() or info.issym() or info.islnk()):
+        if kind is None or info.isdir():
             continue
         key = keys(prefix, info.name)
         count += 1
+        if not (info.isfile() or info.issym() or info.islnk()):  # a pipe or device entry: no data to score
+            if kind == "image" and key not in skip:
+                yield key, None, f"{info.name} in {where}: not a regular file (a pipe or device); store the file itself."
+            continue
         if info.issym() or info.islnk():
             if kind == "image":
                 pending.append((key, info))
