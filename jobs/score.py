@@ -453,7 +453,8 @@ def _tar_rows(tar: tarfile.TarFile, where: str, prefix: str, skip: set[str], key
         count += 1
         if not (info.isfile() or info.issym() or info.islnk()):  # a pipe or device entry: no data to score
             if kind == "image" and key not in skip:
-                yield key, None, f"{info.name} in {where}: not a regular file (a pipe or device); store the file itself."
+                yield key, None, (f"{info.name} in {where}: not a regular file (a pipe or device); "
+                                  f"store the file itself.")
             continue
         if info.issym() or info.islnk():
             if kind == "image":
