@@ -65,6 +65,7 @@ from jobs.score_output import (
     METADATA_KEY,
     SCHEMA,
     OutputLock,
+    check_reachable,
     check_same_run,
     error_kind,
     new_run_id,
@@ -939,6 +940,7 @@ def score(
         "precision": "bf16" if bf16 else "float32",
         "checkpoint": ckpt.id,
     }
+    check_reachable(out)
     sources = list_sources(inputs)
     with OutputLock(out) as lock:
         state = read_output(out)

@@ -160,14 +160,18 @@ class OutputState:
         return {k for k, (_, kind) in self.latest().items() if kind == TRANSIENT or (kind and retry_errors)}
 
 
-def _check_folder(out: str):
-    if storage.is_remote(out):  # a storage that is down fails here in seconds and in one line
+def check_reachable(out: str) -> None:
+    """A remote OUT whose storage is down or refuses fails here, in seconds and in one line."""
+    if storage.is_remote(out):
         try:
             storage.probe(out)
         except FileNotFoundError:
             pass  # a new prefix
         except ConnectionError as e:
             raise DataError(f"--out {e}") from None
+
+
+def _check_folder(out: str):
     fs, root = storage.fsspec_for(out)
     if fs.exists(root) and not fs.isdir(root):
         raise DataError(f"--out {out} is a file; give a folder or an s3:// prefix for the Parquet files.")
