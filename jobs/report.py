@@ -36,6 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from jobs.score_output import is_part
+
 # Everything but heatmap_png: these are small, so reading them for 100k rows is cheap.
 ROW_COLUMNS = ("path", "member", "image_score", "is_anomaly", "width", "height", "checkpoint", "error")
 MAX_ERROR_ROWS = 1000  # the table lists this many, then says how many more there are
@@ -121,6 +123,9 @@ def write_report(scores: str, out: str, top: int = 24) -> dict:
 def _parquet_files(fs, root: str, scores: str) -> list[str]:
     if fs.isfile(root):
         return [root]
+    own = sorted(p for p in fs.ls(root, detail=False) if is_part(p, fs))
+    if own:  # the scoring job's output folder: the user's other files there are not read
+        return own
     files = sorted(
         p for p in fs.find(root)
         if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", "."))

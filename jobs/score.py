@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import posixpath
+import stat
 import tarfile
 import time
 from collections.abc import Iterator, Sequence
@@ -64,6 +65,7 @@ from jobs.score_output import (
     METADATA_KEY,
     SCHEMA,
     OutputLock,
+    check_reachable,
     check_same_run,
     error_kind,
     new_run_id,
@@ -93,7 +95,7 @@ _FILES_PER_UNIT = 32  # image files per decode task; each tar shard gets a task 
 _DECODE_WORKER_MEMORY = 400 << 20
 _DECODE_HELD_BYTES = 256 << 20
 _DECODE_PEAK_PER_PIXEL = {"reduced": 8, "full": 32}
-_MAX_MEMBER_BYTES = 1 << 30  # a tar member larger than this is an error row, not read into memory
+_MAX_MEMBER_BYTES = 1 << 30  # a file or tar member larger than this is an error row, not read into memory
 _GLOB_CHARS = "*?["
 # Fault injection for the tests: "N:MARKER" makes a scoring actor exit hard after N batches, once (the
 # marker file records that it happened, so the restarted actor carries on).
@@ -173,6 +175,39 @@ def _walk_local(root: str) -> Iterator[Source]:
                 yield Source(os.path.join(folder, f), kind)
 
 
+def _folders_once(root: str) -> Iterator[str]:
+    """`root` and the folders under it, following symlinked folders, each real folder once, shallowest first;
+    hidden folders are skipped (as glob's `**` skips them)."""
+    seen: set[str] = set()
+    queue = [root]
+    for folder in queue:  # grows while it is read: breadth first
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        yield folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        queue.extend(e.path for e in entries if not e.name.startswith(".") and e.is_dir())
+
+
+def _glob_local(pattern: str) -> list[str]:
+    """glob.glob(pattern, recursive=True), except that each `**` visits every real folder once: glob's own
+    `**` follows a symlink loop until the path is too long, and with two links back up that is 2**40 paths."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        return glob.glob(pattern)
+    i = parts.index("**")
+    base = os.sep.join(parts[:i]) or (os.sep if pattern.startswith(os.sep) else os.curdir)
+    rest = os.sep.join(parts[i + 1 :])
+    bases = [b for b in (glob.glob(base) if any(c in base for c in _GLOB_CHARS) else [base]) if os.path.isdir(b)]
+    if not rest:  # "DIR/**": the folders themselves, walked as folders are
+        return bases
+    return [m for b in bases for d in _folders_once(b) for m in _glob_local(os.path.join(glob.escape(d), rest))]
+
+
 def _manifest_line(uri: str) -> Iterator[Source]:
     """What one manifest line names: a file (scored whatever its extension), or the images of a folder
     (local; s3:// when the line ends with "/") or glob. A line that names nothing is still yielded as a
@@ -226,7 +261,7 @@ def _expand(given: str) -> Iterator[Source]:
             matches = sorted((p, info["type"] == "directory") for p, info in fs.glob(path, detail=True).items())
         else:
             # Shallowest first: a file also reached through a loop of symlinked folders keeps its short path.
-            found = sorted(glob.glob(path, recursive=True), key=lambda p: (p.count(os.sep), p))
+            found = sorted(_glob_local(path), key=lambda p: (p.count(os.sep), p))
             matches = [(p, os.path.isdir(p)) for p in found]
         for m, is_dir in matches:
             if is_dir:
@@ -331,8 +366,20 @@ def _plan_units(sources: Sequence[Source], done: set[tuple[str, str]]) -> tuple[
 # Decoding (CPU tasks)
 
 
+def _regular_file(uri: str) -> os.stat_result:
+    """The local file's stat; raises DataError for a pipe (reading it would block the task), a socket or a
+    device (/dev/zero would fill its memory)."""
+    st = os.stat(uri)
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{uri}: not a regular file (a pipe, socket or device); only files are scored.")
+    return st
+
+
 def _read_bytes(uri: str) -> bytes:
     if not storage.is_remote(uri):
+        st = _regular_file(uri)
+        if st.st_size > _MAX_MEMBER_BYTES:
+            raise DataError(f"{uri}: file of {st.st_size:,} bytes is too large to score.")
         with open(uri, "rb") as f:
             return f.read()
     fs, path = storage.fsspec_for(uri)
@@ -341,6 +388,7 @@ def _read_bytes(uri: str) -> bytes:
 
 def _open_binary(uri: str):
     if not storage.is_remote(uri):
+        _regular_file(uri)
         return open(uri, "rb")
     fs, path = storage.fsspec_for(uri)
     return fs.open(path, "rb")
@@ -400,10 +448,15 @@ def _tar_rows(tar: tarfile.TarFile, where: str, prefix: str, skip: set[str], key
             files[name] = (info.offset_data, info.size)
         elif info.issym() or info.islnk():
             links[name] = info
-        if kind is None or not (info.isfile() or info.issym() or info.islnk()):
+        if kind is None or info.isdir():
             continue
         key = keys(prefix, info.name)
         count += 1
+        if not (info.isfile() or info.issym() or info.islnk()):  # a pipe or device entry: no data to score
+            if kind == "image" and key not in skip:
+                yield key, None, (f"{info.name} in {where}: not a regular file (a pipe or device); "
+                                  f"store the file itself.")
+            continue
         if info.issym() or info.islnk():
             if kind == "image":
                 pending.append((key, info))
@@ -500,7 +553,7 @@ def _tar_members(uri: str, skip: set[str]) -> Iterator[tuple[str | None, bytes |
     except Exception as e:  # tarfile.ReadError, EOFError, zlib/gzip errors, OSError from storage
         if failed:  # the archive's one error row is written already
             return
-        yield None, None, (
+        yield None, None, str(e) if isinstance(e, DataError) else (
             f"{uri}: cannot read the tar archive ({type(e).__name__}: {e}) after {count} image members; "
             f"it is corrupt or truncated: re-create it."
         )
@@ -519,6 +572,8 @@ def _decode(data: bytes, model_config, name: str) -> tuple[np.ndarray | None, in
 
 def _unreadable(uri: str, e: Exception) -> str:
     """The error row's message for a file that cannot be read (named in a manifest, or gone since listing)."""
+    if isinstance(e, DataError):  # not a file we score: said by _read_bytes
+        return str(e)
     if isinstance(e, IsADirectoryError) or (not storage.is_remote(uri) and os.path.isdir(uri)):
         return f"{uri}: a folder with no images in it (extensions {', '.join(IMAGE_EXTENSIONS)}, or tar archives)."
     if not storage.is_remote(uri) and os.path.islink(uri) and not os.path.exists(uri):
@@ -885,11 +940,12 @@ def score(
         "precision": "bf16" if bf16 else "float32",
         "checkpoint": ckpt.id,
     }
+    check_reachable(out)
     sources = list_sources(inputs)
     with OutputLock(out) as lock:
         state = read_output(out)
         check_same_run(out, state, metadata)
-        listed = {s.uri for s in sources}  # rows of inputs not given this time are left as they are
+        listed = {s.key for s in sources}  # rows of inputs not given this time are left as they are
         retry = {key for key in state.to_retry(retry_errors) if key[0] in listed}
         latest = state.latest()
         units, skipped = _plan_units(sources, set(latest) - retry)

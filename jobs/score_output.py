@@ -81,6 +81,14 @@ _TRANSIENT_ERRORS = re.compile(
 Key = tuple[str, str]  # (path, member or "")
 
 
+def is_part(path: str, fs) -> bool:
+    """Whether the file at `path` is one of the job's files: named like one, with the b"ssm" metadata."""
+    if not _PART.fullmatch(posixpath.basename(path)):
+        return False
+    with fs.open(path, "rb") as f:
+        return METADATA_KEY in (pq.ParquetFile(f).schema_arrow.metadata or {})
+
+
 def error_kind(error: str | None) -> str | None:
     """"transient", "permanent" or None (no error) for an error message written by the job."""
     if not error:
@@ -150,6 +158,17 @@ class OutputState:
     def to_retry(self, retry_errors: bool = False) -> set[Key]:
         """Keys whose latest row is an error a rerun should try again."""
         return {k for k, (_, kind) in self.latest().items() if kind == TRANSIENT or (kind and retry_errors)}
+
+
+def check_reachable(out: str) -> None:
+    """A remote OUT whose storage is down or refuses fails here, in seconds and in one line."""
+    if storage.is_remote(out):
+        try:
+            storage.probe(out)
+        except FileNotFoundError:
+            pass  # a new prefix
+        except ConnectionError as e:
+            raise DataError(f"--out {e}") from None
 
 
 def _check_folder(out: str):
@@ -297,7 +316,11 @@ class OutputLock:
         elif storage.is_remote(self.out):
             self._acquire_remote(fs, f"{root}/{LOCK_NAME}")
         else:
-            self._acquire_local(os.path.join(root, LOCK_NAME))
+            try:
+                self._acquire_local(os.path.join(root, LOCK_NAME))
+            except OSError as e:  # a path under a file, a read-only or missing mount
+                raise DataError(f"--out {self.out}: cannot write there ({type(e).__name__}: {e.strerror or e}); "
+                                f"give a folder you can write to.") from None
         return self
 
     def __exit__(self, *exc) -> None:

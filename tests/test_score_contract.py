@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -26,6 +27,7 @@ from typer.testing import CliRunner
 
 import jobs.score_output as score_output
 from cli import app
+from jobs.report import write_report
 from jobs.score import decode_sources, score
 from jobs.score_output import LOCK_NAME, OutputLock, error_kind
 from ssm.checkpoint import load_checkpoint
@@ -152,6 +154,8 @@ def test_files_under_out_that_are_not_the_jobs_are_left_alone(tmp_path, checkpoi
     files = set(out.glob("part-*.parquet")) - {out / "part-20240101000000-000000-0123456789abcdef.parquet"}
     assert len(files) == 1
     assert sorted(pq.read_table(files.pop())["path"].to_pylist()) == sorted(images)
+    counts = write_report(str(out), str(tmp_path / "report.html"))  # reads the job's files only
+    assert (counts["images"], counts["scored"]) == (2, 2)
 
     # Resuming with another scoring rule is refused: same weights, another ssm.json; a non-finite threshold.
     other = tmp_path / Path(checkpoint).parent.name / "best"  # the same name: only the content differs
@@ -244,3 +248,65 @@ def test_threshold_must_be_finite(tmp_path, checkpoint):
         with pytest.raises(ValueError, match="--threshold must be a finite number"):
             score([str(tmp_path)], checkpoint, str(tmp_path / "out"), threshold=bad, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_rerun_retries_transient_errors_of_files_whose_names_are_not_utf8(tmp_path, checkpoint, ray_local):
+    """The output's path escapes such a name (\\xNN): the retry must still match it to the file listed."""
+    folder = tmp_path / "images"
+    _write(folder, _good_images(1, seed=26))
+    name = os.fsdecode(b"caf\xe9.png")
+    (folder / name).symlink_to(folder / "later.png")  # dangling until the target appears: transient
+    out = tmp_path / "scores"
+    first = score([str(folder)], checkpoint, str(out), batch_size=4, progress=False)
+    assert (first.scored, first.errors) == (1, 1)
+    (folder / "later.png").write_bytes(_good_images(1, seed=27)["img_27_000.png"])
+    second = score([str(folder)], checkpoint, str(out), batch_size=4, progress=False)
+    assert (second.retried, second.scored, second.errors) == (1, 2, 0)
+    escaped = str(folder / "caf\\xe9.png")
+    assert [k for k in _plain_read(out) if k[0] == escaped] == [(escaped, None, None)]
+
+
+def test_unreachable_s3_out_is_one_line(tmp_path, checkpoint, monkeypatch):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for var, value in {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", raising=False)
+    images = _write(tmp_path / "images", _good_images(1, seed=28))
+    result = CliRunner().invoke(app, ["score", *images, "--checkpoint", checkpoint, "--out", "s3://bucket/scores"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"--out s3://bucket/scores: cannot reach the storage at {endpoint}" in lines[0], lines
+
+
+def test_out_that_cannot_be_created_is_one_line(tmp_path, checkpoint):
+    images = _write(tmp_path / "images", _good_images(1, seed=29))
+    (tmp_path / "a_file").write_bytes(b"x")
+    out = tmp_path / "a_file" / "scores"  # under a file: cannot be made a folder
+    result = CliRunner().invoke(app, ["score", *images, "--checkpoint", checkpoint, "--out", str(out)])
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"--out {out}: cannot write there (NotADirectoryError" in lines[0], lines
+
+
+def test_pipes_devices_and_huge_files_are_error_rows_not_hangs(tmp_path, checkpoint):
+    """A named pipe would block the decode task forever, a link to /dev/zero or a huge file fill its memory."""
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "zeros.png").symlink_to("/dev/zero")
+    with open(tmp_path / "huge.png", "wb") as f:  # sparse: takes no disk
+        f.truncate((1 << 30) + 1)
+    names = ["pipe.png", "zeros.png", "huge.png"]
+    units = {"kind": np.array(["images"]), "uris": np.array([json.dumps([str(tmp_path / n) for n in names])]),
+             "skip": np.array(["[]"])}
+    rows = [(Path(p).name, e) for b in decode_sources(units, load_checkpoint(checkpoint).model_config, rows=8)
+            for p, e in zip(b["path"], b["error"])]
+    assert [(n, error_kind(e)) for n, e in rows] == [(n, "permanent") for n in names]
+    assert "not a regular file" in rows[0][1] and "not a regular file" in rows[1][1]
+    assert "file of 1,073,741,825 bytes is too large to score" in rows[2][1]
+    os.mkfifo(tmp_path / "pipe.tar")
+    units = {"kind": np.array(["tar"]), "uris": np.array([json.dumps([str(tmp_path / "pipe.tar")])]),
+             "skip": np.array(["[]"])}
+    [batch] = decode_sources(units, load_checkpoint(checkpoint).model_config, rows=8)
+    assert list(batch["member"]) == [""] and "pipe.tar: not a regular file" in batch["error"][0]

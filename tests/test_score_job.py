@@ -368,6 +368,9 @@ def _link_tar(entries: list[tuple[str, str, bytes | str]]) -> bytes:
             if kind == "file":
                 info.size = len(value)
                 tar.addfile(info, io.BytesIO(value))
+            elif kind == "fifo":  # a named pipe entry: no data
+                info.type = tarfile.FIFOTYPE
+                tar.addfile(info)
             else:
                 info.type, info.linkname = (tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE), value
                 tar.addfile(info)
@@ -387,7 +390,7 @@ def _tricky_tar(images: list[bytes]) -> tuple[bytes, dict[str, bytes | None]]:
         ("sym", "c1.png", "c2.png"), ("sym", "c2.png", "c1.png"),
         ("file", "inner.tar", inner), ("file", "inner.tar/x.png", images[2]),
         ("file", "broken.tar", b"not a tar" * 200),
-        ("file", odd, images[4]), ("file", "later.png", images[5]),
+        ("file", odd, images[4]), ("file", "later.png", images[5]), ("fifo", "pipe.png", ""),
     ]
     keys = {
         "a.png": images[0], "a.png#2": images[1],  # a repeated name gets #n
@@ -396,7 +399,7 @@ def _tricky_tar(images: list[bytes]) -> tuple[bytes, dict[str, bytes | None]]:
         "caf\\xe9.png": images[4], "later.png": images[5],
         # links point at the last member of that name, as extracting the tar would leave it
         "dir/s.png": images[1], "h.png": images[1], "fwd.png": images[5],
-        "dangling.png": None, "escape.png": None, "c1.png": None, "c2.png": None,
+        "dangling.png": None, "escape.png": None, "c1.png": None, "c2.png": None, "pipe.png": None,
     }
     return _tar_bytes_checked(entries), keys
 
@@ -423,6 +426,7 @@ def test_tar_members_links_nested_duplicates_and_resume_skips(tmp_path):
     errors = {k: e for k, _, e in rows if e}
     assert "outside the archive" in errors["escape.png"] and "not a file in the archive" in errors["dangling.png"]
     assert "does not end" in errors["c1.png"] and "broken.tar in" in errors["broken.tar"]
+    assert "not a regular file" in errors["pipe.png"]
     # A resumed run passes the keys already written: exactly the others come back.
     done = {"a.png#2", "inner.tar/x.png", "caf\\xe9.png", "broken.tar", "fwd.png"}
     assert sorted(k for k, _, _ in _tar_members(str(tmp_path / "s.tar"), done)) == sorted(set(expected) - done)
@@ -438,6 +442,7 @@ def test_listing_follows_symlinks_once_reads_manifests_and_names_empty_inputs(tm
     _write(root, {"a.png": png})
     _write(tmp_path / "elsewhere", {"c.png": png})
     os.symlink("..", root / "sub" / "loop")  # a loop back up the tree
+    os.symlink("..", root / "sub" / "loop2")  # and another: glob's own `**` would walk 2**40 paths
     os.symlink(tmp_path / "elsewhere", root / "linked")  # a symlinked folder
     odd = os.path.join(os.fsencode(root), b"caf\xe9.png")  # a file name that is not UTF-8
     with open(odd, "wb") as f:
