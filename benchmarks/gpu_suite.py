@@ -40,7 +40,6 @@ from score_speed import smooth_images  # noqa: E402
 from ssm.calibration import calibrate  # noqa: E402
 from ssm.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from ssm.data import ImageDataset, load_layout  # noqa: E402
-from ssm.evaluation import evaluate  # noqa: E402
 from ssm.model import ModelConfig, SSMUNet  # noqa: E402
 from ssm.training import TrainConfig, fit, image_batches, make_optimizer, split_train_val, training_step  # noqa: E402
 
@@ -58,6 +57,8 @@ def _free(device: torch.device) -> None:
 def recipe(data: str, out: Path, device: torch.device, width: int, size: int, cfg: TrainConfig, box_s: float,
            eval_batch: int) -> dict:
     """Train in this process on DATA (MVTec layout), evaluate the best checkpoint; metrics and timings."""
+    from ssm.evaluation import evaluate  # scikit-learn, through ssm.metrics: missing, it fails this part only
+
     split = load_layout(data, "mvtec")
     train_paths, val_paths = split_train_val(split.train, cfg.val_fraction, cfg.seed)
     mcfg = ModelConfig(width=width, img_size=size)
@@ -218,26 +219,32 @@ def main(argv: list[str] | None = None) -> dict:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "compile": args.compile, "cuda_graphs": args.cuda_graphs, "width": width, "size": size,
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        data = args.data
-        if dry and "--data" not in (argv if argv is not None else sys.argv[1:]):
-            data = tiny_mvtec(Path(tmp) / "data")
-        out = Path(args.out) if args.out else Path(tmp) / "recipe"
-        part(results, "recipe", lambda: recipe(data, out, device, width, size, cfg, args.recipe_box_s,
-                                               eval_batch=4 if dry else 32))
-        _free(device)
-        part(results, "scorer", lambda: scorer_throughput(
-            device, width, size, (2, 4) if dry else (32, 64, 128, 256, 512), min_images=4 if dry else 1024,
-            compile=args.compile, cuda_graphs=args.cuda_graphs, naive_images=1 if dry else 4,
-            matmul_n=128 if dry else 8192, deadline=time.monotonic() + args.scorer_box_s))
-        _free(device)
-        part(results, "train_throughput", lambda: train_throughput(
-            device, width, size, cfg, first=cfg.batch_size, largest=4 if dry else 1 << 16, steps=1 if dry else 5,
-            deadline=time.monotonic() + args.train_box_s))
-    results["total_s"] = time.monotonic() - start
-    print(json.dumps(results))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = args.data
+            if dry and "--data" not in (argv if argv is not None else sys.argv[1:]):
+                data = tiny_mvtec(Path(tmp) / "data")
+            out = Path(args.out) if args.out else Path(tmp) / "recipe"
+            part(results, "recipe", lambda: recipe(data, out, device, width, size, cfg, args.recipe_box_s,
+                                                   eval_batch=4 if dry else 32))
+            _free(device)
+            part(results, "scorer", lambda: scorer_throughput(
+                device, width, size, (2, 4) if dry else (32, 64, 128, 256, 512), min_images=4 if dry else 1024,
+                compile=args.compile, cuda_graphs=args.cuda_graphs, naive_images=1 if dry else 4,
+                matmul_n=128 if dry else 8192, deadline=time.monotonic() + args.scorer_box_s))
+            _free(device)
+            part(results, "train_throughput", lambda: train_throughput(
+                device, width, size, cfg, first=cfg.batch_size, largest=4 if dry else 1 << 16,
+                steps=1 if dry else 5, deadline=time.monotonic() + args.train_box_s))
+    except Exception as e:  # outside any part (the generated data, the folder's cleanup): recorded, exit status 1
+        traceback.print_exc()
+        results["error"] = f"{type(e).__name__}: {e}"
+    finally:  # the JSON line comes last whatever happened; a value JSON cannot hold is written as its str
+        results["total_s"] = time.monotonic() - start
+        sys.stderr.flush()
+        print(json.dumps(results, default=str), flush=True)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if "error" in main() else 0)

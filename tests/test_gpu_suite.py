@@ -81,3 +81,17 @@ def test_the_recipe_box_stops_training_and_still_evaluates(no_ray_env):
     assert "error" not in recipe, recipe
     assert recipe["complete"] is False and recipe["epochs_run"] == 1 and recipe["epochs"] == 3
     assert is_number(recipe["image_auroc"]) and is_number(recipe["aupro"])
+
+
+@pytest.mark.slow
+def test_without_scikit_learn_only_the_recipe_fails_and_the_json_comes_last(no_ray_env, tmp_path):
+    """ssm.metrics needs scikit-learn, which the GPU machine gets only from stage_gpu.sh's wheels: if they
+    are missing, the recipe records the ImportError and the scorer and training parts still run."""
+    blocked = tmp_path / "no_sklearn"
+    (blocked / "sklearn").mkdir(parents=True)
+    (blocked / "sklearn" / "__init__.py").write_text("raise ImportError('scikit-learn is not installed here')\n")
+    env = {**no_ray_env, "PYTHONPATH": os.pathsep.join([str(blocked), no_ray_env["PYTHONPATH"]])}
+    results = run_suite(env)
+    assert "scikit-learn is not installed here" in results["recipe"]["error"]
+    assert is_number(results["scorer"]["scorer_images_per_s"])
+    assert is_number(results["train_throughput"]["first_batch_images_per_s"])
