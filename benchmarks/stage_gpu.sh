@@ -3,7 +3,7 @@
 # neither kornia, scikit-learn, tqdm nor the datasets, into the ignored folder .gpu/ (carried there as a whole):
 #   .gpu/whl/           wheels for CPython 3.12 on x86-64 Linux (the versions installed here): kornia and kornia_rs
 #                       (ssm.losses, ssm.scoring), scikit-learn and the packages it imports besides numpy and scipy
-#                       (ssm.metrics), tqdm (ssm.training, ssm.evaluation)
+#                       (joblib needs cloudpickle) (ssm.metrics), tqdm (ssm.training, ssm.evaluation)
 #   .gpu/mvtec_bottle/  MVTec AD bottle: train/good, test, ground_truth and its licence
 # Usage: benchmarks/stage_gpu.sh [BOTTLE_DIR]   (default ../shared/data/mvtec_bottle)
 set -euo pipefail
@@ -19,8 +19,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .gpu/whl \
     "kornia==$(version kornia)" "kornia_rs==$(version kornia_rs)" "scikit-learn==$(version scikit-learn)" \
-    "joblib==$(version joblib)" "threadpoolctl==$(version threadpoolctl)" "narwhals==$(version narwhals)" \
-    "tqdm==$(version tqdm)"
+    "joblib==$(version joblib)" "cloudpickle==$(version cloudpickle)" "threadpoolctl==$(version threadpoolctl)" \
+    "narwhals==$(version narwhals)" "tqdm==$(version tqdm)"
 cp -r "$SRC/train" "$SRC/test" "$SRC/ground_truth" .gpu/mvtec_bottle/
 cp "$SRC"/license.txt .gpu/mvtec_bottle/ 2>/dev/null || true
 size_mib=$(( $(du -sk .gpu | cut -f1) / 1024 ))
