@@ -144,7 +144,7 @@ def train_throughput(device: torch.device, width: int, size: int, cfg: TrainConf
         finally:
             del x
             opt.zero_grad(set_to_none=True)
-            _free(device)
+        _free(device)  # not after a failure: a faulted CUDA context would raise here and lose the rows measured
         batch *= 2
     best = max(rows, key=lambda r: r["batch_size"]) if rows else None
     return {
