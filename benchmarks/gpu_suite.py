@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", help="run folder for the recipe's checkpoints (default: a temporary folder)")
     p.add_argument("--epochs", type=int, help="training epochs of the recipe (default 50; 1 with --dry-run)")
-    p.add_argument("--recipe-box-s", type=float, default=240, help="time box of part 1 (training stops after it)")
+    p.add_argument("--recipe-box-s", type=float, default=180,
+                   help="time box of part 1 (training stops after the epoch that passes it; evaluation follows)")
     p.add_argument("--scorer-box-s", type=float, default=70, help="no new scorer batch size is started after it")
     p.add_argument("--train-box-s", type=float, default=50, help="no larger training batch is tried after it")
     p.add_argument("--compile", action="store_true", help="torch.compile the scorer (off: not yet measured)")
