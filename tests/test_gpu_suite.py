@@ -95,3 +95,36 @@ def test_without_scikit_learn_only_the_recipe_fails_and_the_json_comes_last(no_r
     assert "scikit-learn is not installed here" in results["recipe"]["error"]
     assert is_number(results["scorer"]["scorer_images_per_s"])
     assert is_number(results["train_throughput"]["first_batch_images_per_s"])
+
+
+# Installed here but neither on the GPU machine nor staged by stage_gpu.sh: the suite must not need them.
+NOT_ON_GPU_MACHINE = ("ray", "pandas", "pyarrow", "rich", "requests", "urllib3", "dateutil", "colorama", "six")
+HIDE_AND_RUN = """
+import importlib.machinery, runpy, sys
+hidden, finder = set(sys.argv[1].split(",")), importlib.machinery.PathFinder
+
+class Hiding:  # the path finder, blind to the hidden packages: importing them fails as if not installed
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        return None if name.partition(".")[0] in hidden else finder.find_spec(name, path, target)
+
+    @staticmethod
+    def invalidate_caches():
+        finder.invalidate_caches()
+
+sys.meta_path[:] = [Hiding if f is finder else f for f in sys.meta_path]
+sys.argv = [sys.argv[2], *sys.argv[3:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_dry_run_needs_no_package_the_gpu_machine_lacks():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", HIDE_AND_RUN, ",".join(NOT_ON_GPU_MACHINE),
+                           str(ROOT / "benchmarks" / "gpu_suite.py"), "--dry-run"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not [k for k, v in results.items() if isinstance(v, dict) and "error" in v], proc.stderr[-3000:]
+    assert is_number(results["recipe"]["image_auroc"]) and is_number(results["scorer"]["ratio"])
