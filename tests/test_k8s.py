@@ -260,7 +260,8 @@ def test_image_runs_the_ray_the_manifests_name():
     for doc in KUBERAY:
         assert _cluster_spec(doc)["rayVersion"] == ray_version, doc["metadata"]["name"]
         images |= {c["image"] for pod in _pod_specs(doc).values() for c in pod["containers"]}
-    (image,) = images  # one image for every pod of every manifest
+    assert len(images) == 1, f"every pod of every manifest should run the one image, they name {sorted(images)}"
+    (image,) = images
     assert image.rpartition(":")[2].endswith(f"-ray{ray_version}"), image
     assert f"-t {image} " in (K8S / "Dockerfile").read_text(), "the build command in k8s/Dockerfile tags it so"
 
