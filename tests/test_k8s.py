@@ -200,11 +200,20 @@ def test_service_deploys_the_serve_application():
     assert application["args"]["batch_size"] >= 1
 
 
-def test_serve_builder_exists():
+def test_serve_builder_takes_the_settings_of_ssm_serve():
     module, _, name = SERVE_BUILDER.partition(":")
     if not (ROOT / (module.replace(".", "/") + ".py")).exists():
         pytest.skip(f"{module} is not in this checkout yet: the RayService imports {SERVE_BUILDER}")
-    assert callable(getattr(importlib.import_module(module), name))
+    assert callable(getattr(importlib.import_module(module), name, None)), \
+        f"k8s/serve-rayservice.yaml imports {SERVE_BUILDER}, which {module} does not define"
+    # The builder's args are `ssm serve`'s settings under their own names: CHECKPOINT --batch-size ...
+    (service,) = _by_kind("RayService")
+    args = dict(yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"])
+    argv = ["ssm", "serve", args.pop("checkpoint")]
+    for key, value in args.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    _, params = _parse(argv)
+    assert {key: params[key] for key in args} == args
 
 
 def test_pods_have_their_resources_and_s3_credentials():
