@@ -19,6 +19,16 @@ class Layout(str, Enum):
     folder = "folder"
 
 
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+
+
 class PixelResolution(str, Enum):
     ground_truth = "ground-truth"
     model = "model"
@@ -294,6 +304,10 @@ def score(
     retry_errors: bool = typer.Option(
         False, "--retry-errors", help="Also score again the images whose row has a permanent error (corrupt, not "
         "an image...), e.g. after replacing them; transient errors (unreadable, missing) are always retried."),
+    backend: Backend = typer.Option(
+        Backend.torch, "--backend", help="What runs the network's forward passes: torch (the checkpoint), or "
+        "onnxruntime (then --checkpoint is a local .onnx file from `ssm export`, run on the CPU; masks, "
+        "refinement, fusion and tiling stay the same). One --out holds one backend's scores."),
 ):
     """Score every image in INPUTS on Ray and write one Parquet row per image (score, anomaly flag, heatmap)."""
     from jobs.score import score as score_job
@@ -303,10 +317,29 @@ def score(
     try:
         summary = score_job(inputs, checkpoint, out, workers=workers, gpus_per_worker=gpus_per_worker,
                             batch_size=batch_size, threshold=threshold, address=address, bf16=bf16,
-                            retry_errors=retry_errors)
+                            retry_errors=retry_errors, backend=backend.value)
     except (DataError, CheckpointError, ValueError) as e:
         _fail(str(e))
     typer.echo(summary.describe())
+
+
+@app.command("export")
+def export_model(
+    checkpoint: str = typer.Argument(..., help="A checkpoint or training run directory."),
+    fmt: ExportFormat = typer.Option(..., "--format", help="onnx (opset 17, for onnxruntime) or torchscript."),
+    out: Path = typer.Option(..., "--out", help="The file to write: *.onnx, or *.pt / *.ts for TorchScript."),
+):
+    """Write the scoring network (masked images and masks in, reconstructions out; batch axis free, the trained
+    image size) with the scoring rules, calibration and checkpoint id in the file's metadata."""
+    from ssm.checkpoint import CheckpointError
+    from ssm.export import export_checkpoint
+
+    try:
+        result = export_checkpoint(checkpoint, fmt.value, out)
+    except (CheckpointError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"exported {result.checkpoint} as {result.format}: {result.path}\n"
+               f"reconstruction vs torch on a random batch: max abs difference {result.max_abs_diff:.2g}")
 
 
 @app.command()

@@ -32,8 +32,9 @@ Example (the CLI: ssm score INPUT... --checkpoint CKPT --out OUT):
     print(summary.describe())
 
 Each file's schema metadata holds b"ssm": {"threshold", "heatmap_vmin", "heatmap_vmax", "img_size", "tiled",
-"scale", "heatmap_max_side", "precision", "checkpoint"}: the scale on which every heatmap PNG was written (0 = vmin,
-255 = vmax) and the resolution it was scored at.
+"scale", "heatmap_max_side", "precision", "backend", "checkpoint"}: the scale on which every heatmap PNG was
+written (0 = vmin, 255 = vmax), the resolution it was scored at, and what ran the network's forward passes
+("torch", or "onnxruntime" running a file from `ssm export`; the rest of the method is the same Scorer).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ from ssm import data as ssm_data
 from ssm.calibration import heatmap_to_uint8
 from ssm.checkpoint import CheckpointError, load_checkpoint
 from ssm.data import IMAGE_EXTENSIONS, DataError, decode_for
+from ssm.export import ExportError, load_exported
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,8 @@ _GLOB_CHARS = "*?["
 # Fault injection for the tests: "N:MARKER" makes a scoring actor exit hard after N batches, once (the
 # marker file records that it happened, so the restarted actor carries on).
 _EXIT_AFTER_ENV = "SSM_SCORE_EXIT_AFTER_BATCHES"
+# What runs the network's forward passes: the checkpoint in torch, or an exported ONNX file in onnxruntime.
+BACKENDS = ("torch", "onnxruntime")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -706,15 +710,43 @@ def _local_checkpoint(uri: str) -> str:
         raise CheckpointError(str(e)) from e
 
 
+def load_for_scoring(checkpoint: str, backend: str = "torch", map_location: str = "cpu"):
+    """What scores: the checkpoint (torch), or the exported ONNX file (onnxruntime), as a Checkpoint or
+    ssm.export.ExportedModel; both have model_config, calibration, id. CheckpointError naming the file."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
+    if backend == "torch":
+        if not storage.is_remote(checkpoint) and os.path.isfile(checkpoint):
+            raise CheckpointError(f"--checkpoint {checkpoint} is a file; --backend torch takes a checkpoint or "
+                                  f"training run directory (an ONNX file from `ssm export` needs --backend onnxruntime).")
+        return load_checkpoint(_local_checkpoint(checkpoint), map_location=map_location)
+    if storage.is_remote(checkpoint):
+        raise CheckpointError(f"--checkpoint {checkpoint}: --backend onnxruntime reads a local .onnx file; copy it "
+                              f"to every node first.")
+    if os.path.isdir(checkpoint):
+        raise CheckpointError(f"--checkpoint {checkpoint} is a folder; --backend onnxruntime takes the .onnx file "
+                              f"`ssm export {checkpoint} --format onnx --out FILE.onnx` writes.")
+    try:
+        model = load_exported(checkpoint)
+    except ExportError as e:
+        raise CheckpointError(f"--checkpoint: {e}") from None
+    if model.format != "onnx":
+        raise CheckpointError(f"--checkpoint {checkpoint} is a {model.format} file; --backend onnxruntime takes an "
+                              f"ONNX file (ssm export CKPT --format onnx --out FILE.onnx).")
+    return model
+
+
 class ScoreBatches:
-    """The scoring actor: loads the checkpoint once, then turns decoded batches into output rows."""
+    """The scoring actor: loads the checkpoint (or exported ONNX file) once, then turns decoded batches into
+    output rows."""
 
     def __init__(self, checkpoint: str, checkpoint_id: str, threshold: float, threads: int, use_gpu: bool,
-                 bf16: bool = False):
-        torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+                 bf16: bool = False, backend: str = "torch"):
+        threads = max(1, min(threads, os.cpu_count() or 1))
+        torch.set_num_threads(threads)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        ckpt = load_checkpoint(_local_checkpoint(checkpoint), map_location=device)
-        self.scorer = ckpt.scorer(device, amp=bf16)
+        ckpt = load_for_scoring(checkpoint, backend, map_location=device)
+        self.scorer = ckpt.scorer(device, amp=bf16) if backend == "torch" else ckpt.scorer(threads)
         self.calibration = ckpt.calibration
         self.checkpoint_id = checkpoint_id
         self.threshold = threshold
@@ -903,6 +935,7 @@ def score(
     runtime_env: dict | None = None,
     bf16: bool = False,
     retry_errors: bool = False,
+    backend: str = "torch",
 ) -> ScoreSummary:
     """Score every image under `inputs` with `checkpoint` and write the rows to `out` (folder or s3://).
 
@@ -911,6 +944,8 @@ def score(
     output records it and a resume must use the same precision). gpus_per_worker defaults to 1 when the cluster has GPUs, else 0; cpus_per_worker defaults to
     1 with GPUs, else the cluster's CPUs less one, shared among the workers (also their torch threads).
     retry_errors: also retry rows with a permanent error (transient ones are always retried).
+    backend "onnxruntime": `checkpoint` is a local .onnx file from `ssm export`, whose network onnxruntime runs
+    on the CPU inside the same Scorer; the output records the backend and a resume must use the same one.
     Raises DataError (inputs, output) or CheckpointError with a message meant for the user.
     """
     if workers < 1 or batch_size < 1:
@@ -919,7 +954,10 @@ def score(
         raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}.")
     if gpus_per_worker is not None and gpus_per_worker < 0:
         raise ValueError(f"--gpus-per-worker must be 0 or more, got {gpus_per_worker}.")
-    ckpt = load_checkpoint(_local_checkpoint(checkpoint))
+    if backend == "onnxruntime" and (bf16 or gpus_per_worker):
+        raise ValueError("--backend onnxruntime runs the exported network in float32 on the CPU: drop --bf16 and "
+                         "--gpus-per-worker.")
+    ckpt = load_for_scoring(checkpoint, backend)
     if ckpt.calibration is None:
         raise CheckpointError(
             f"checkpoint {checkpoint} is not calibrated (no threshold, no heatmap scale); score with the best "
@@ -938,6 +976,7 @@ def score(
         "scale": ckpt.model_config.scale,
         "heatmap_max_side": MAX_HEATMAP_SIDE,
         "precision": "bf16" if bf16 else "float32",
+        "backend": backend,
         "checkpoint": ckpt.id,
     }
     check_reachable(out)
@@ -955,7 +994,8 @@ def score(
             sink = ParquetSink(out, metadata, run, rows_per_file)
             _score_units(units, sink, summary, ckpt, checkpoint, threshold, workers=workers,
                          gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
-                         address=address, progress=progress, runtime_env=runtime_env, bf16=bf16)
+                         address=address, progress=progress, runtime_env=runtime_env, bf16=bf16,
+                         backend=backend)
         lock.check()
         if units or sum(len(p.keys) for p in state.parts) > len(latest):  # new rows, or duplicates left by a crash
             summary.superseded = supersede(out, run, retry)
@@ -965,13 +1005,15 @@ def score(
 def _score_units(units: list[dict], sink: ParquetSink, summary: ScoreSummary, ckpt, checkpoint: str,
                  threshold: float, *, workers: int, gpus_per_worker: float | None, cpus_per_worker: float | None,
                  batch_size: int, address: str | None, progress: bool, runtime_env: dict | None,
-                 bf16: bool) -> None:
+                 bf16: bool, backend: str = "torch") -> None:
     """The Ray Data chain over `units`, written through `sink`; counts go into `summary`."""
     started = init_ray(address)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = progress
         cluster = ray.cluster_resources()
         gpus = (1.0 if cluster.get("GPU", 0) > 0 else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
+        if backend != "torch":
+            gpus = 0.0
         if cpus_per_worker is None:
             cpus_per_worker = 1.0 if gpus > 0 else max(1.0, (cluster.get("CPU", 2) - 1) // workers)
         t0 = time.perf_counter()
@@ -997,6 +1039,7 @@ def _score_units(units: list[dict], sink: ParquetSink, summary: ScoreSummary, ck
                 "threads": int(cpus_per_worker),
                 "use_gpu": gpus > 0,
                 "bf16": bf16,
+                "backend": backend,
             },
             runtime_env=runtime_env,
         )

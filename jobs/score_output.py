@@ -224,7 +224,7 @@ def read_output(out: str) -> OutputState:
 
 
 def check_same_run(out: str, state: OutputState, new: dict) -> None:
-    """Refuse to add rows scored under other rules to an output (checkpoint id, threshold, precision)."""
+    """Refuse to add rows scored under other rules to an output (checkpoint id, threshold, backend, precision)."""
     for old in state.metadata:
         if old.get("checkpoint") != new["checkpoint"] or old.get("threshold") != new["threshold"]:
             raise DataError(
@@ -232,6 +232,13 @@ def check_same_run(out: str, state: OutputState, new: dict) -> None:
                 f"{old.get('threshold')}, not {new['checkpoint']} with {new['threshold']} (the id covers the "
                 f"weights, model, scoring and calibration); resume with the same --checkpoint and --threshold, "
                 f"or choose a new --out."
+            )
+        if old.get("backend", "torch") != new["backend"]:
+            # The same checkpoint run by another backend agrees only to float rounding (README, "Export"): one
+            # output holds one backend's scores, so that a comparison of two outputs compares the backends.
+            raise DataError(
+                f"{out} already holds scores computed with --backend {old.get('backend', 'torch')}; resume with "
+                f"that backend, or choose a new --out to score with --backend {new['backend']}."
             )
         if old.get("precision", "float32") != new["precision"]:
             raise DataError(

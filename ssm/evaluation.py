@@ -28,7 +28,7 @@ def score_paths(
     scaled image's size for a tiled model) and the images' original (width, height)."""
     from tqdm.auto import tqdm
 
-    config = scorer.model.config
+    config = scorer.model_config
     scores, maps, sizes = [], [], []
     for i in tqdm(range(0, len(paths), batch_size), desc="score", unit="batch", disable=not progress):
         decoded = [decode_for(p, config) for p in paths[i : i + batch_size]]

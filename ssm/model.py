@@ -119,15 +119,17 @@ class SSMUNet(nn.Module):
 def masked_forward(model, x: torch.Tensor, masks: torch.Tensor, chunk: int | None = None):
     """The n masked passes as one forward: x (B,C,H,W), masks (B,n,H,W) -> assembled x_hat (B,C,H,W) and
     mask predictions (B,n,H,W). Each pixel of x_hat comes from the pass in which it was hidden.
-    `chunk` bounds the masked inputs per forward call (activation memory when scoring large batches)."""
+    `chunk` bounds the masked inputs per forward call (activation memory when scoring large batches).
+    A `model` that returns the reconstruction alone (scoring, an exported network) gives mask_pred None."""
     b, n, h, w = masks.shape
     c = x.shape[1]
     inp = (x[:, None] * masks[:, :, None]).reshape(b * n, c, h, w).contiguous(memory_format=torch.channels_last)
     flat_m = masks.reshape(b * n, 1, h, w)
     step = chunk or b * n
     outs = [model(inp[i : i + step], flat_m[i : i + step]) for i in range(0, b * n, step)]
+    outs = [o if isinstance(o, tuple) else (o, None) for o in outs]
     recon = torch.cat([o[0] for o in outs]).float().reshape(b, n, c, h, w)
-    mask_pred = torch.cat([o[1] for o in outs]).float().reshape(b, n, h, w)
+    mask_pred = None if outs[0][1] is None else torch.cat([o[1] for o in outs]).float().reshape(b, n, h, w)
     x_hat = (recon * (1.0 - masks[:, :, None])).sum(1)
     return x_hat, mask_pred
 

@@ -23,6 +23,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from torch import nn
 from .calibration import Calibration
 from .losses import msgms_map
 from .masks import cell_sizes, image_keys, multiscale_masks
-from .model import SSMUNet, masked_forward
+from .model import ModelConfig, SSMUNet, masked_forward
 
 _REFERENCE_SIZE = 128
 
@@ -96,6 +97,17 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return conv
 
 
+class ExternalForward(Protocol):
+    """The inference network run by something other than this torch model (Scorer's `forward`)."""
+
+    backend: str  # names it in outputs, e.g. "onnxruntime"
+    model_config: ModelConfig  # the network it runs: input size, channels, tiling
+
+    def __call__(self, masked_images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(N, C, S, S) masked images and (N, 1, S, S) masks -> (N, C, S, S) float32 reconstructions."""
+        ...
+
+
 TILES_PER_BATCH = 32  # tiled models: tiles scored together (the scoring job's default batch of images)
 
 
@@ -157,23 +169,38 @@ class Scorer:
     faster on CUDA and on CPUs with native bf16 (cpu_has_bf16), but it moves scores: on bottle it moved image
     AUROC by 0.017 and pixel AUROC by 0.004 (benchmarks/bf16_accuracy.py, a small W = 16, 64 px model), so it is
     an opt-in for bulk scoring only.
+
+    The forward pass is pluggable: `forward` (with `model` None) is another implementation of the inference
+    network, e.g. an exported file run by onnxruntime or TorchScript (ssm.export.load_exported). Masks,
+    refinement passes, fusion and tiling stay the ones here; only the network's forward calls go to it, on
+    the CPU and in float32.
     """
 
     def __init__(
         self,
-        model: SSMUNet,
+        model: SSMUNet | None,
         config: ScoringConfig | None = None,
         calibration: Calibration | None = None,
         *,
         amp: bool | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
+        forward: ExternalForward | None = None,
     ):
-        self.model = model.eval()
         self.config = config or ScoringConfig()
         self.calibration = calibration
-        self.device = next(model.parameters()).device
         self.amp = bool(amp)  # None or False: float32; True: bf16 autocast
+        if forward is not None:
+            if model is not None or amp or compile:
+                raise ValueError("an external forward replaces the torch model: pass model=None, no amp, no compile")
+            self.model, self.net, self.model_config = None, None, forward.model_config
+            self.backend, self.device, self.channels_last = forward.backend, torch.device("cpu"), False
+            self._compiled = forward
+            return
+        self.model = model.eval()
+        self.model_config = getattr(model, "config", None)
+        self.backend = "torch"
+        self.device = next(model.parameters()).device
         # channels_last: oneDNN and cuDNN both run these convolutions faster in NHWC (1.07x in bf16 on CPU)
         self.channels_last = True if channels_last is None else channels_last
         self.net = inference_net(model)
@@ -198,7 +225,8 @@ class Scorer:
             # concatenation comes out NCHW and its convolution copies it back to NHWC. NHWC strides avoid that.
             h, w = mask.shape[-2:]
             mask = mask.contiguous().as_strided(mask.shape, (h * w, 1, w, 1))
-        return self._compiled(x, mask)
+        out = self._compiled(x, mask)
+        return out[0] if isinstance(out, tuple) else out  # the reconstruction; scoring never reads the mask head
 
     def _autocast(self):
         if not self.amp:
@@ -267,7 +295,7 @@ class Scorer:
         tiled model (ModelConfig.tiled), each image of any size as overlapping img_size tiles whose maps are
         stitched into one heatmap at the image's own resolution (ssm.tiling). The image score fuses the
         stitched map's maximum with the mean reconstruction error of the image's tiles."""
-        tiled = getattr(getattr(self.model, "config", None), "tiled", False)
+        tiled = getattr(self.model_config, "tiled", False)
         if not tiled:
             x = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
             out = self.score(x, passes)
@@ -278,7 +306,7 @@ class Scorer:
     def _score_tiled(self, images: list[torch.Tensor], passes: int | None, keep_first_pass: bool) -> ImageScores:
         from .tiling import Stitcher, pad_to, tile_grid
 
-        tile = self.model.config.img_size
+        tile = self.model_config.img_size
         # Tiles per scoring batch: as many as a plain batch holds images (more makes each forward's
         # activations outgrow the caches), within max_forward_batch masked inputs.
         per_batch = max(1, min(TILES_PER_BATCH,
