@@ -230,7 +230,8 @@ def load_exported(path: str | os.PathLike) -> ExportedModel:
     else:
         fmt, raw, module = "onnx", _read_onnx(p), None
     if raw is None:
-        raise ExportError(f"{p} is a {fmt} model without ssm metadata; write it with `ssm export`")
+        kind = "an ONNX" if fmt == "onnx" else "a TorchScript"
+        raise ExportError(f"{p} is {kind} model without ssm metadata; write it with `ssm export`")
     try:
         doc = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -251,11 +252,10 @@ def load_exported(path: str | os.PathLike) -> ExportedModel:
 
 def _read_onnx(p: Path) -> str | None:
     import onnx
-    from google.protobuf.message import DecodeError
 
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError) as e:
+    try:  # protobuf whatever the file's name (onnx.load guesses the encoding from the extension)
+        model = onnx.load(str(p), format="protobuf", load_external_data=False)
+    except Exception as e:  # protobuf's decode errors have no common base beyond this
         raise ExportError(f"{p} is neither an ONNX model nor a TorchScript file ({type(e).__name__}: {e})") from None
     if not model.graph.node:  # protobuf parses many byte strings as an empty message
         raise ExportError(f"{p} is neither an ONNX model nor a TorchScript file (no graph in it)")

@@ -121,7 +121,7 @@ def _rows(out: str):
         assert table.schema.equals(SCHEMA), table.schema
         meta = json.loads(table.schema.metadata[METADATA_KEY])
         assert set(meta) == {"threshold", "heatmap_vmin", "heatmap_vmax", "img_size", "tiled", "scale",
-                             "heatmap_max_side", "precision", "checkpoint"}
+                             "heatmap_max_side", "precision", "backend", "checkpoint"}
         tables.append(table)
     rows = [r for t in tables for r in t.to_pylist()]
     keys = [(r["path"], r["member"]) for r in rows]
