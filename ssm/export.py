@@ -27,6 +27,7 @@ offline), opset ONNX_OPSET.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import warnings
@@ -146,9 +147,11 @@ def _write_onnx(net: nn.Module, example: tuple, meta: str, path: Path) -> None:
     import onnx
 
     batch = {0: "N"}
+    # torch >= 2.5 has the dynamo exporter too (the default from 2.9); older releases only the one used here
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     torch.onnx.export(net, example, str(path), input_names=list(INPUTS), output_names=[OUTPUT],
                       dynamic_axes={INPUTS[0]: batch, INPUTS[1]: batch, OUTPUT: batch},
-                      opset_version=ONNX_OPSET, dynamo=False)
+                      opset_version=ONNX_OPSET, **legacy)
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, {METADATA_KEY: meta})
     onnx.checker.check_model(model)

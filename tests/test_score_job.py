@@ -206,7 +206,7 @@ def test_folder_with_bad_files_via_cli(tmp_path, checkpoint, ray_local):
     cal = load_checkpoint(checkpoint).calibration
     assert meta == {"threshold": cal.threshold, "heatmap_vmin": cal.heatmap_vmin, "heatmap_vmax": cal.heatmap_vmax,
                     "img_size": IMG_SIZE, "tiled": False, "scale": 1.0, "heatmap_max_side": 1024,
-                    "precision": "float32", "checkpoint": load_checkpoint(checkpoint).id}
+                    "precision": "float32", "backend": "torch", "checkpoint": load_checkpoint(checkpoint).id}
     expected = _library_scores(checkpoint, {(p, None): Path(p).read_bytes() for p, n in paths.items() if n in good})
     _assert_matches_library(rows, expected, cal.threshold)
 
