@@ -86,8 +86,24 @@ def add_anomaly(
     return out, region
 
 
+# A pasted piece must change the pixels it covers by at least this much on average (gray levels): a piece of
+# flat brick pasted over flat brick matches the surface and is no defect at all, not even to the eye.
+PATCH_MIN_CHANGE = 24.0
+_PATCH_TRIES = 50
+
+
 def _patch(base: np.ndarray, rng: np.random.Generator, donor: np.ndarray):
-    """Paste a rectangle of foreign material, brightness matched so its texture is what differs."""
+    """Paste a rectangle of foreign material, brightness matched so its texture is what differs.
+
+    Placements whose piece would blend in (mean change under PATCH_MIN_CHANGE) are drawn again."""
+    for _ in range(_PATCH_TRIES):
+        altered, region = _patch_once(base, rng, donor)
+        if np.abs(np.clip(altered, 0, 255).round() - base)[region].mean() >= PATCH_MIN_CHANGE:
+            return altered, region
+    raise ValueError(f"no visible patch in {_PATCH_TRIES} tries: the image or the donor texture is too flat")
+
+
+def _patch_once(base: np.ndarray, rng: np.random.Generator, donor: np.ndarray):
     size = base.shape[0]
     h, w = (rng.uniform(0.2, 0.3, size=2) * size).astype(int)
     scale = rng.uniform(1.6, 2.5) if rng.random() < 0.5 else rng.uniform(0.4, 0.6)
