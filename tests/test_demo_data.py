@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from jobs.demo_data import (
-    ANOMALY_KINDS, add_anomaly, load_texture, make_demo_dataset, random_crop, to_rgb,
+    ANOMALY_KINDS, PATCH_MIN_CHANGE, TEXTURES, add_anomaly, load_texture, make_demo_dataset, random_crop, to_rgb,
 )
 
 SMALL = dict(size=64, n_train=6, n_test_normal=4, n_test_anomalous=9)
@@ -76,6 +76,23 @@ def test_mask_is_exactly_the_changed_pixels(kind, texture):
         assert 0.003 < mask.mean() < 0.08
         # The defect is visible: the altered pixels move a lot on average, not by a level or two.
         assert np.abs(altered.astype(int) - clean)[mask].mean() > 10
+
+
+@pytest.mark.parametrize("texture", TEXTURES)
+def test_pasted_patches_never_blend_in(texture):
+    # Same material over same material would often be invisible; every patch is redrawn until it shows.
+    photo = load_texture(texture)
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        clean = random_crop(photo, 48, rng)
+        altered, mask = add_anomaly(clean, "patch", rng, donor=photo)
+        assert np.abs(altered.astype(int) - clean)[mask].mean() >= PATCH_MIN_CHANGE
+
+
+def test_a_patch_on_a_flat_image_is_refused_with_a_clear_error():
+    flat = np.full((48, 48), 120, np.uint8)
+    with pytest.raises(ValueError, match="no visible patch"):
+        add_anomaly(flat, "patch", np.random.default_rng(0), donor=flat)
 
 
 @pytest.mark.parametrize("texture", ["brick", "grass", "gravel"])
