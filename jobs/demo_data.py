@@ -90,6 +90,7 @@ def add_anomaly(
 # flat brick pasted over flat brick matches the surface and is no defect at all, not even to the eye.
 PATCH_MIN_CHANGE = 24.0
 _PATCH_TRIES = 50
+_PATCH_MIN_CONTRAST = 32.0  # gray levels (standard deviation of the pasted piece, before jitter)
 
 
 def _patch(base: np.ndarray, rng: np.random.Generator, donor: np.ndarray):
@@ -115,8 +116,10 @@ def _patch_once(base: np.ndarray, rng: np.random.Generator, donor: np.ndarray):
     piece = transform.resize(piece, (h, w), order=1, preserve_range=True, anti_aliasing=True)
     y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
     under = base[y : y + h, x : x + w]
-    # The image's contrast, not the local one: over a flat spot a foreign texture should still show.
-    piece = (piece - piece.mean()) / (piece.std() + 1e-6) * base.std() * rng.uniform(0.8, 1.3)
+    # The image's contrast, not the local one, and at least _PATCH_MIN_CONTRAST: over a flat spot, or on a
+    # flat crop, a foreign texture should still show.
+    contrast = max(float(base.std()), _PATCH_MIN_CONTRAST)
+    piece = (piece - piece.mean()) / (piece.std() + 1e-6) * contrast * rng.uniform(0.8, 1.3)
     altered = base.copy()
     altered[y : y + h, x : x + w] = piece + under.mean()
     region = np.zeros(base.shape, bool)

@@ -81,10 +81,11 @@ def test_mask_is_exactly_the_changed_pixels(kind, texture):
 @pytest.mark.parametrize("texture", TEXTURES)
 def test_pasted_patches_never_blend_in(texture):
     # Same material over same material would often be invisible; every patch is redrawn until it shows.
+    # Small crops are often flat: the patch still shows there (an early version gave up on 32 px crops).
     photo = load_texture(texture)
-    for seed in range(20):
+    for seed in range(40):
         rng = np.random.default_rng(seed)
-        clean = random_crop(photo, 48, rng)
+        clean = random_crop(photo, 32 if seed % 2 else 48, rng)
         altered, mask = add_anomaly(clean, "patch", rng, donor=photo)
         assert np.abs(altered.astype(int) - clean)[mask].mean() >= PATCH_MIN_CHANGE
 
