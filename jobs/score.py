@@ -379,11 +379,16 @@ def _regular_file(uri: str) -> os.stat_result:
     return st
 
 
+def too_large(name: str, size: int) -> str:
+    """The error for a file too large to read into memory (a scoring row's, or an upload's to `ssm serve`)."""
+    return f"{name}: file of {size:,} bytes is too large to score."
+
+
 def _read_bytes(uri: str) -> bytes:
     if not storage.is_remote(uri):
         st = _regular_file(uri)
         if st.st_size > _MAX_MEMBER_BYTES:
-            raise DataError(f"{uri}: file of {st.st_size:,} bytes is too large to score.")
+            raise DataError(too_large(uri, st.st_size))
         with open(uri, "rb") as f:
             return f.read()
     fs, path = storage.fsspec_for(uri)
@@ -563,8 +568,9 @@ def _tar_members(uri: str, skip: set[str]) -> Iterator[tuple[str | None, bytes |
         )
 
 
-def _decode(data: bytes, model_config, name: str) -> tuple[np.ndarray | None, int, int, int, str | None]:
-    """(pixels, width, height, frames, None), or (None, -1, -1, -1, error)."""
+def decode_bytes(data: bytes, model_config, name: str) -> tuple[np.ndarray | None, int, int, int, str | None]:
+    """(pixels, width, height, frames, None), or (None, -1, -1, -1, error): the one way an image's bytes
+    become model input or an error message (scoring rows, and uploads to `ssm serve`), `name` naming it."""
     try:
         pixels, (w, h), frames = decode_for(data, model_config, name=name, frames=True)
         return pixels, w, h, frames, None
@@ -665,7 +671,7 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
             uri = json.loads(uris)[0]
             for member, data, error in _tar_members(uri, set(json.loads(skip))):
                 if error is None:
-                    add(uri, member, *_decode(data, model_config, f"{member} in {uri}"))
+                    add(uri, member, *decode_bytes(data, model_config, f"{member} in {uri}"))
                 else:
                     add(uri, member, None, -1, -1, -1, error)
                 if full():
@@ -677,7 +683,7 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
             except Exception as e:
                 add(uri, None, None, -1, -1, -1, _unreadable(uri, e))
             else:
-                add(uri, None, *_decode(data, model_config, uri))
+                add(uri, None, *decode_bytes(data, model_config, uri))
             if full():
                 yield flush()
     if out["path"]:
@@ -919,6 +925,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     return True
 
 
+def load_calibrated(checkpoint: str, backend: str = "torch"):
+    """load_for_scoring(checkpoint, backend), which must carry a calibration (threshold and heatmap scale);
+    CheckpointError otherwise."""
+    ckpt = load_for_scoring(checkpoint, backend)
+    if ckpt.calibration is None:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is not calibrated (no threshold, no heatmap scale); score with the best "
+            f"checkpoint of a training run (RUN/best), which `ssm train` calibrates."
+        )
+    return ckpt
+
+
 def score(
     inputs: Sequence[str],
     checkpoint: str,
@@ -957,12 +975,7 @@ def score(
     if backend == "onnxruntime" and (bf16 or gpus_per_worker):
         raise ValueError("--backend onnxruntime runs the exported network in float32 on the CPU: drop --bf16 and "
                          "--gpus-per-worker.")
-    ckpt = load_for_scoring(checkpoint, backend)
-    if ckpt.calibration is None:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} is not calibrated (no threshold, no heatmap scale); score with the best "
-            f"checkpoint of a training run (RUN/best), which `ssm train` calibrates."
-        )
+    ckpt = load_calibrated(checkpoint, backend)
     cal = ckpt.calibration
     threshold = float(cal.threshold if threshold is None else threshold)
     if not math.isfinite(threshold):

@@ -1,0 +1,274 @@
+"""Online scoring on Ray Serve: POST one image, get back its score, decision and heatmap.
+
+One request flows the way a row of the scoring job does (jobs/score.py), through the same functions:
+
+    POST /  body: the image's bytes, or multipart/form-data with a file field
+        --read_upload (at most --max-bytes)--> bytes, and the name errors use (the upload's file name,
+                                               or "request body")
+        --decode_bytes (jobs/score.py, in a thread)--> pixels as the model takes them,
+                                               or the error `ssm score` writes for those bytes -> 4xx
+        --@serve.batch: up to --batch-size requests, waiting at most --batch-wait-ms for them
+        --ScoreBatches (jobs/score.py, in a thread)--> score, decision, heatmap PNG
+        --> 200 {"image_score", "is_anomaly", "threshold", "heatmap_png" (base64), "width", "height",
+                 "frames", "checkpoint", "batch_size" (images scored together with this one)}
+
+    GET /   the checkpoint id and configuration, the serving settings, and this replica's counts
+            (requests, batches, images per batch size).
+
+Errors are JSON {"error": one line}: 400 for bytes that are not a scorable image (same line as the error
+column of `ssm score`), 413 for a body over --max-bytes, 404/405 for other routes and methods, 500 when
+scoring itself fails.
+
+Example (the CLI: ssm serve CKPT --port 8000):
+
+    served = start("runs/ssm/best", port=8000)
+    # curl --data-binary @image.png http://127.0.0.1:8000/
+    stop(served)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from jobs import storage
+from jobs.score import ScoreBatches, decode_bytes, init_ray, load_calibrated, too_large
+
+APP_NAME = "ssm"
+DEFAULT_MAX_BYTES = 64 << 20
+RAW_BODY_NAME = "request body"  # what errors call an upload sent as the raw body (it has no file name)
+
+
+class UploadError(Exception):
+    """A request whose image cannot be read: `status` and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def _read_body(request: Request, max_bytes: int, name: str) -> bytes:
+    """The whole body, refused (413) past max_bytes: before reading when Content-Length says so, else as
+    soon as more has arrived."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise UploadError(413, too_large(name, int(declared)))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise UploadError(413, too_large(name, size))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_upload(request: Request, max_bytes: int) -> tuple[str, bytes]:
+    """(name, bytes) of the image in a POST: the raw body, or the file field of multipart/form-data (a field
+    named "file" first, else the first file)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return RAW_BODY_NAME, await _read_body(request, max_bytes, RAW_BODY_NAME)
+    body = await _read_body(request, max_bytes, "multipart upload")
+
+    async def receive() -> dict:  # the body read above, handed to Starlette's form parser
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, receive).form(max_files=4, max_fields=16)
+    except Exception as e:  # a malformed multipart body
+        raise UploadError(400, f"multipart upload: cannot be parsed ({type(e).__name__}: {e}); send the image "
+                               f"as a file field or as the raw body.") from e
+    try:
+        files = [(key, v) for key, v in form.multi_items() if not isinstance(v, str)]
+        if not files:
+            raise UploadError(400, "multipart upload: no file field; send the image as a file field (e.g. curl "
+                                   "-F file=@image.png) or as the raw body.")
+        _, upload = next(((k, v) for k, v in files if k == "file"), files[0])
+        return upload.filename or RAW_BODY_NAME, await upload.read()
+    finally:
+        await form.close()
+
+
+@serve.deployment(name="SSMScorer")
+class SSMScorer:
+    """One replica: loads the checkpoint once (as a scoring actor does) and scores batches of requests."""
+
+    def __init__(self, checkpoint: str, info: dict, threshold: float, batch_size: int, batch_wait_ms: float,
+                 threads: int, use_gpu: bool, max_bytes: int):
+        self.scorer = ScoreBatches(checkpoint, info["checkpoint"], threshold, threads, use_gpu)
+        self.model_config = self.scorer.scorer.model.config
+        self.info = {**info, "threshold": threshold, "device": str(self.scorer.scorer.device)}
+        self.max_bytes = max_bytes
+        self.score_batch.set_max_batch_size(batch_size)
+        self.score_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        self.requests = 0
+        self.batch_sizes: Counter[int] = Counter()
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        if request.url.path != "/":
+            return JSONResponse({"error": f"no route {request.url.path}; POST an image to / or GET / for the "
+                                          f"checkpoint and settings."}, status_code=404)
+        if request.method == "GET":
+            return JSONResponse(self.describe())
+        if request.method != "POST":
+            return JSONResponse({"error": f"{request.method} is not served; POST an image, or GET for the "
+                                          f"checkpoint and settings."}, status_code=405)
+        self.requests += 1
+        try:
+            name, data = await read_upload(request, self.max_bytes)
+        except UploadError as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        pixels, width, height, frames, error = await asyncio.to_thread(decode_bytes, data, self.model_config, name)
+        if error is not None:
+            return JSONResponse({"error": error}, status_code=400)
+        row = await self.score_batch((name, pixels, width, height, frames))
+        if row["error"] is not None:
+            return JSONResponse({"error": row["error"]}, status_code=500)
+        return JSONResponse(row)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # both set per application in __init__
+    async def score_batch(self, items: list[tuple]) -> list[dict]:
+        """Decoded images -> their response rows, scored as one batch by the scoring job's actor code."""
+        names, pixels, widths, heights, frames = zip(*items)
+        column = np.empty(len(items), dtype=object)  # images may differ in size for a tiled model
+        column[:] = pixels
+        batch = {
+            "path": np.array(names, dtype=str),
+            "member": np.array([""] * len(items), dtype=str),
+            "pixels": column,
+            "width": np.array(widths, np.int32),
+            "height": np.array(heights, np.int32),
+            "frames": np.array(frames, np.int32),
+            "error": np.array([""] * len(items), dtype=str),
+        }
+        table = await asyncio.to_thread(self.scorer, batch)
+        self.batch_sizes[len(items)] += 1
+        return [
+            {
+                "image_score": row["image_score"],
+                "is_anomaly": row["is_anomaly"],
+                "threshold": self.scorer.threshold,
+                "heatmap_png": base64.b64encode(row["heatmap_png"]).decode() if row["heatmap_png"] else None,
+                "width": row["width"],
+                "height": row["height"],
+                "frames": row["frames"],
+                "checkpoint": row["checkpoint"],
+                "batch_size": len(items),
+                "error": row["error"],
+            }
+            for row in table.to_pylist()
+        ]
+
+    def describe(self) -> dict:
+        return {
+            **self.info,
+            "replica": {
+                "id": serve.get_replica_context().replica_tag,
+                "requests": self.requests,
+                "batches": sum(self.batch_sizes.values()),
+                "images_scored": sum(n * k for n, k in self.batch_sizes.items()),
+                "batch_sizes": {str(n): k for n, k in sorted(self.batch_sizes.items())},
+            },
+        }
+
+
+@dataclass
+class Served:
+    url: str
+    started_ray: bool  # this process started Ray (and Serve on it): stop() shuts both down
+    info: dict
+
+
+def start(
+    checkpoint: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    replicas: int = 1,
+    gpus_per_replica: float | None = None,
+    cpus_per_replica: float | None = None,
+    batch_size: int = 32,
+    batch_wait_ms: float = 10.0,
+    threshold: float | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Served:
+    """Serve `checkpoint` (local or s3://) over HTTP on host:port; returns once every replica is ready.
+
+    Uses the running Ray, else connects to `address`, else starts Ray in this process. gpus_per_replica
+    defaults to 1 when the cluster has GPUs, else 0; cpus_per_replica to 1 with GPUs, else the cluster's CPUs
+    less one, shared among the replicas (also their torch threads), as `ssm score` sizes its workers.
+    Raises ValueError (flags) or CheckpointError with a message meant for the user.
+    """
+    if replicas < 1 or batch_size < 1:
+        raise ValueError(f"--replicas and --batch-size must be at least 1 (got {replicas} and {batch_size}).")
+    if not batch_wait_ms >= 0:
+        raise ValueError(f"--batch-wait-ms must be 0 or more, got {batch_wait_ms}.")
+    if gpus_per_replica is not None and gpus_per_replica < 0:
+        raise ValueError(f"--gpus-per-replica must be 0 or more, got {gpus_per_replica}.")
+    if cpus_per_replica is not None and cpus_per_replica <= 0:
+        raise ValueError(f"--cpus-per-replica must be above 0, got {cpus_per_replica}.")
+    if max_bytes < 1:
+        raise ValueError(f"--max-bytes must be at least 1, got {max_bytes}.")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port must be from 1 to 65535, got {port}.")
+    ckpt = load_calibrated(checkpoint)
+    threshold = float(ckpt.calibration.threshold if threshold is None else threshold)
+    if not np.isfinite(threshold):
+        raise ValueError(f"--threshold must be a finite number, got {threshold}.")
+    info = {
+        "checkpoint": ckpt.id,
+        "model": ckpt.model_config.to_dict(),
+        "scoring": ckpt.scoring.to_dict(),
+        "calibration": ckpt.calibration.to_dict(),
+        "batch_size": batch_size,
+        "batch_wait_ms": batch_wait_ms,
+        "max_bytes": max_bytes,
+    }
+    started = init_ray(address)
+    try:
+        cluster = ray.cluster_resources()
+        gpus = (1.0 if cluster.get("GPU", 0) > 0 else 0.0) if gpus_per_replica is None else float(gpus_per_replica)
+        if cpus_per_replica is None:
+            cpus_per_replica = 1.0 if gpus > 0 else max(1.0, (cluster.get("CPU", 2) - 1) // replicas)
+        app = SSMScorer.options(
+            num_replicas=replicas,
+            ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus},
+            # room for one batch being scored and the next one gathering
+            max_ongoing_requests=2 * batch_size,
+        ).bind(
+            checkpoint if storage.is_remote(checkpoint) else os.path.abspath(checkpoint),
+            info,
+            threshold,
+            batch_size,
+            batch_wait_ms,
+            max(1, int(cpus_per_replica)),
+            gpus > 0,
+            max_bytes,
+        )
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return Served(url=f"http://{shown}:{port}/", started_ray=started,
+                  info={**info, "threshold": threshold, "replicas": replicas, "gpus_per_replica": gpus,
+                        "cpus_per_replica": cpus_per_replica})
+
+
+def stop(served: Served) -> None:
+    """Remove the application; when start() started Ray here, also shut down Serve and Ray."""
+    serve.delete(APP_NAME)
+    if served.started_ray:
+        serve.shutdown()
+        ray.shutdown()
