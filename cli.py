@@ -343,6 +343,58 @@ def export_model(
 
 
 @app.command()
+def serve(
+    checkpoint: str = typer.Argument(..., help="A checkpoint or training run directory (local or s3://)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="HTTP port."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: start one here)."),
+    replicas: int = typer.Option(1, "--replicas", help="Serving replicas, each holding one copy of the model."),
+    gpus_per_replica: Optional[float] = typer.Option(
+        None, "--gpus-per-replica", help="GPUs per replica (default: 1 when the cluster has GPUs, else 0)."),
+    cpus_per_replica: Optional[float] = typer.Option(
+        None, "--cpus-per-replica", help="CPUs per replica, also its torch threads (default: 1 with GPUs, else the "
+        "cluster's CPUs less one, shared among the replicas)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Most requests scored together in one batch."),
+    batch_wait_ms: float = typer.Option(
+        10.0, "--batch-wait-ms", help="Longest wait for more requests before a batch that is not full is scored."),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", help="Decision threshold on the image score, a finite number (default: the "
+        "checkpoint's calibrated one)."),
+    max_bytes: int = typer.Option(64 << 20, "--max-bytes", help="Largest request body accepted, in bytes."),
+):
+    """Serve CHECKPOINT over HTTP on Ray Serve: POST an image, get its score, decision and heatmap as JSON."""
+    import signal
+    import time
+
+    from jobs.serve import start, stop
+    from ssm.checkpoint import CheckpointError
+
+    try:
+        served = start(checkpoint, host=host, port=port, address=address, replicas=replicas,
+                       gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, batch_size=batch_size,
+                       batch_wait_ms=batch_wait_ms, threshold=threshold, max_bytes=max_bytes)
+    except (CheckpointError, ValueError) as e:
+        _fail(str(e))
+    info = served.info
+    typer.echo(
+        f"serving {info['checkpoint']} at {served.url} ({info['replicas']} replica(s), {info['cpus_per_replica']:g} "
+        f"CPU and {info['gpus_per_replica']:g} GPU each, batches of up to {batch_size}, threshold "
+        f"{info['threshold']:.4g})\n"
+        f"  score an image: curl --data-binary @image.png {served.url}\n"
+        f"  checkpoint and settings: curl {served.url}\n"
+        f"press Ctrl-C to stop"
+    )
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as Ctrl-C does, cleaning up
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("stopping")
+    finally:
+        stop(served)
+
+
+@app.command()
 def report(
     scores: str = typer.Argument(..., help="A scoring output: Parquet folder (local or s3://)."),
     out: str = typer.Option("report.html", "--out", help="Where to write the HTML report."),
