@@ -13,7 +13,7 @@ One request flows the way a row of the scoring job does (jobs/score.py), through
                  "frames", "checkpoint", "batch_size" (images scored together with this one)}
 
     GET /   the checkpoint id and configuration, the serving settings, and this replica's counts
-            (requests, batches, images per batch size).
+            (requests, batches, images per batch size, CPU seconds used).
 
 Errors are JSON {"error": one line}: 400 for bytes that are not a scorable image (same line as the error
 column of `ssm score`), 413 for a body over --max-bytes, 404/405 for other routes and methods, 500 when
@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -176,6 +177,7 @@ class SSMScorer:
                 "batches": sum(self.batch_sizes.values()),
                 "images_scored": sum(n * k for n, k in self.batch_sizes.items()),
                 "batch_sizes": {str(n): k for n, k in sorted(self.batch_sizes.items())},
+                "cpu_seconds": time.process_time(),  # this replica's process, all threads
             },
         }
 
