@@ -93,7 +93,8 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[str, bytes]:
             raise UploadError(400, "multipart upload: no file field; send the image as a file field (e.g. curl "
                                    "-F file=@image.png) or as the raw body.")
         _, upload = next(((k, v) for k, v in files if k == "file"), files[0])
-        return upload.filename or RAW_BODY_NAME, await upload.read()
+        name = " ".join((upload.filename or "").splitlines()) or RAW_BODY_NAME  # errors stay one line
+        return name, await upload.read()
     finally:
         await form.close()
 
