@@ -144,6 +144,7 @@ def main() -> None:
             # Warm both paths: the first batches pay for allocations and oneDNN's kernel choices.
             served_round(served.url, images[: args.batch_size], args.clients)
             inprocess_round(scorer, model_config, images[: args.batch_size], args.batch_size)
+            warm_batches = replica(served.url)["batches"]
             inproc, served_s, latencies, inproc_cpu, served_cpu = [], [], [], 0.0, 0.0
             for r in range(args.rounds):
                 cpu = time.process_time()
@@ -156,7 +157,8 @@ def main() -> None:
                 latencies += lat
                 print(f"round {r + 1}: in-process {len(images) / inproc[-1]:.2f} images/s, served "
                       f"{len(images) / seconds:.2f} images/s", flush=True)
-            batches = replica(served.url)["batch_sizes"]
+            counts = replica(served.url)
+            batches, mean_batch = counts["batch_sizes"], args.rounds * len(images) / (counts["batches"] - warm_batches)
         finally:
             stop(served)
     best_inproc, best_served = len(images) / min(inproc), len(images) / min(served_s)
@@ -169,6 +171,7 @@ def main() -> None:
         "p50_ms": round(float(np.percentile(ms, 50)), 1),
         "p99_ms": round(float(np.percentile(ms, 99)), 1),
         "ratio_all_rounds": round(sum(inproc) / sum(served_s), 3),
+        "served_mean_batch": round(mean_batch, 2),  # images per batch the replica actually scored
         # CPU seconds per image: the replica's process against this one's in-process rounds (load moves these
         # far less than wall-clock rates; the HTTP proxy and the clients are not counted)
         "replica_cpu_ms_per_image": round(served_cpu / (args.rounds * len(images)) * 1000, 1),
