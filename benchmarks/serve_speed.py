@@ -13,7 +13,8 @@ other processes hits both.
 
 The last line printed is one JSON object: served_images_per_s (at --clients concurrent clients),
 inprocess_images_per_s, ratio (served / in-process, from each path's best round), p50_ms and p99_ms (request
-latency over the served rounds), CPU milliseconds per image of the replica and of the in-process path with
+latency over the served rounds), the mean batch the replica scored and the in-process rate at that batch
+size (one round), CPU milliseconds per image of the replica and of the in-process path with
 their ratio (cpu_ratio: in-process / replica), and the settings. On a machine shared with other work the
 wall-clock ratio says more about the share of the CPUs each path got than about the server (the served
 path runs more threads: proxy, replica, clients); cpu_ratio is the steadier figure there.
@@ -159,6 +160,10 @@ def main() -> None:
                       f"{len(images) / seconds:.2f} images/s", flush=True)
             counts = replica(served.url)
             batches, mean_batch = counts["batch_sizes"], args.rounds * len(images) / (counts["batches"] - warm_batches)
+            # The replica fills its batches only as far as requests arrive: the same work in-process at the batch
+            # it actually scored separates the server's overhead from the cost of the batch size itself.
+            at_mean = max(1, round(mean_batch))
+            inproc_at_mean = len(images) / inprocess_round(scorer, model_config, images, at_mean)
         finally:
             stop(served)
     best_inproc, best_served = len(images) / min(inproc), len(images) / min(served_s)
@@ -172,6 +177,7 @@ def main() -> None:
         "p99_ms": round(float(np.percentile(ms, 99)), 1),
         "ratio_all_rounds": round(sum(inproc) / sum(served_s), 3),
         "served_mean_batch": round(mean_batch, 2),  # images per batch the replica actually scored
+        "inprocess_at_served_batch_images_per_s": round(inproc_at_mean, 3),  # in-process, batches of that mean
         # CPU seconds per image: the replica's process against this one's in-process rounds (load moves these
         # far less than wall-clock rates; the HTTP proxy and the clients are not counted)
         "replica_cpu_ms_per_image": round(served_cpu / (args.rounds * len(images)) * 1000, 1),
