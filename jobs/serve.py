@@ -19,9 +19,9 @@ Errors are JSON {"error": one line}: 400 for bytes that are not a scorable image
 column of `ssm score`), 413 for a body over --max-bytes, 404/405 for other routes and methods, 500 when
 scoring itself fails.
 
-Example (the CLI: ssm serve CKPT --port 8000):
+Example (the CLI: ssm serve CKPT --port 8000; Serve config files and KubeRay import jobs.serve:build_app):
 
-    served = start("runs/ssm/best", port=8000)
+    served = start("runs/ssm/best", port=8000, batch_size=16)
     # curl --data-binary @image.png http://127.0.0.1:8000/
     stop(served)
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import os
 import time
 from collections import Counter
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 from ray import serve
+from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -107,7 +109,7 @@ class SSMScorer:
                  threads: int, use_gpu: bool, max_bytes: int):
         self.scorer = ScoreBatches(checkpoint, info["checkpoint"], threshold, threads, use_gpu)
         self.model_config = self.scorer.scorer.model.config
-        self.info = {**info, "threshold": threshold, "device": str(self.scorer.scorer.device)}
+        self.info = {**info, "device": str(self.scorer.scorer.device)}
         self.max_bytes = max_bytes
         self.score_batch.set_max_batch_size(batch_size)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
@@ -184,79 +186,118 @@ class SSMScorer:
 
 
 @dataclass
+class Settings:
+    """`ssm serve`'s settings, by the names of its flags (--batch-size is batch_size, ...)."""
+
+    checkpoint: str  # local or s3://
+    replicas: int = 1
+    gpus_per_replica: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    cpus_per_replica: float | None = None  # default: 1 with GPUs, else the cluster's CPUs less one, shared
+    batch_size: int = 32
+    batch_wait_ms: float = 10.0
+    threshold: float | None = None  # default: the checkpoint's calibrated one
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def check(self) -> None:
+        """ValueError naming the flag of the first setting out of range."""
+        if self.replicas < 1 or self.batch_size < 1:
+            raise ValueError(f"--replicas and --batch-size must be at least 1 (got {self.replicas} and "
+                             f"{self.batch_size}).")
+        if not self.batch_wait_ms >= 0:
+            raise ValueError(f"--batch-wait-ms must be 0 or more, got {self.batch_wait_ms}.")
+        if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
+            raise ValueError(f"--gpus-per-replica must be 0 or more, got {self.gpus_per_replica}.")
+        if self.cpus_per_replica is not None and self.cpus_per_replica <= 0:
+            raise ValueError(f"--cpus-per-replica must be above 0, got {self.cpus_per_replica}.")
+        if self.max_bytes < 1:
+            raise ValueError(f"--max-bytes must be at least 1, got {self.max_bytes}.")
+        if self.threshold is not None and not np.isfinite(self.threshold):
+            raise ValueError(f"--threshold must be a finite number, got {self.threshold}.")
+
+
+def _prepare(settings: Settings):
+    """The settings checked and the checkpoint loaded (no Ray needed): the checkpoint and the threshold."""
+    settings.check()
+    ckpt = load_calibrated(settings.checkpoint)
+    return ckpt, float(ckpt.calibration.threshold if settings.threshold is None else settings.threshold)
+
+
+def _bind(settings: Settings, ckpt, threshold: float) -> tuple[Application, dict]:
+    """The application, its replicas sized on the connected cluster, and what GET / reports about it."""
+    cluster = ray.cluster_resources()
+    gpus = settings.gpus_per_replica
+    gpus = (1.0 if cluster.get("GPU", 0) > 0 else 0.0) if gpus is None else float(gpus)
+    cpus = settings.cpus_per_replica
+    if cpus is None:
+        cpus = 1.0 if gpus > 0 else max(1.0, (cluster.get("CPU", 2) - 1) // settings.replicas)
+    info = {
+        "checkpoint": ckpt.id,
+        "model": ckpt.model_config.to_dict(),
+        "scoring": ckpt.scoring.to_dict(),
+        "calibration": ckpt.calibration.to_dict(),
+        "threshold": threshold,
+        "replicas": settings.replicas,
+        "gpus_per_replica": gpus,
+        "cpus_per_replica": cpus,
+        "batch_size": settings.batch_size,
+        "batch_wait_ms": settings.batch_wait_ms,
+        "max_bytes": settings.max_bytes,
+    }
+    checkpoint = settings.checkpoint
+    app = SSMScorer.options(
+        num_replicas=settings.replicas,
+        ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
+        max_ongoing_requests=2 * settings.batch_size,  # room for one batch being scored and the next gathering
+    ).bind(
+        checkpoint if storage.is_remote(checkpoint) else os.path.abspath(checkpoint),
+        info,
+        threshold,
+        settings.batch_size,
+        settings.batch_wait_ms,
+        max(1, int(cpus)),
+        gpus > 0,
+        settings.max_bytes,
+    )
+    return app, info
+
+
+def build_app(args: dict) -> Application:
+    """The application for Serve's config files (`serve deploy`, KubeRay's RayService: import_path
+    jobs.serve:build_app), `args` holding `ssm serve`'s settings by name (see Settings). Serve calls it on the
+    cluster, where Ray is connected; host and port are the config file's http_options."""
+    names = [f.name for f in dataclasses.fields(Settings)]
+    unknown = sorted(set(args) - set(names))
+    if unknown:
+        raise ValueError(f"ssm serve's application has no setting {', '.join(unknown)}; its settings are "
+                         f"{', '.join(names)}.")
+    if "checkpoint" not in args:
+        raise ValueError("ssm serve's application needs args.checkpoint: a checkpoint or training run (local or s3://).")
+    settings = Settings(**args)
+    return _bind(settings, *_prepare(settings))[0]
+
+
+@dataclass
 class Served:
     url: str
     started_ray: bool  # this process started Ray (and Serve on it): stop() shuts both down
     info: dict
 
 
-def start(
-    checkpoint: str,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    address: str | None = None,
-    replicas: int = 1,
-    gpus_per_replica: float | None = None,
-    cpus_per_replica: float | None = None,
-    batch_size: int = 32,
-    batch_wait_ms: float = 10.0,
-    threshold: float | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-) -> Served:
+def start(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+          **settings) -> Served:
     """Serve `checkpoint` (local or s3://) over HTTP on host:port; returns once every replica is ready.
 
-    Uses the running Ray, else connects to `address`, else starts Ray in this process. gpus_per_replica
-    defaults to 1 when the cluster has GPUs, else 0; cpus_per_replica to 1 with GPUs, else the cluster's CPUs
-    less one, shared among the replicas (also their torch threads), as `ssm score` sizes its workers.
-    Raises ValueError (flags) or CheckpointError with a message meant for the user.
+    `settings` are the rest of Settings (replicas, batch_size, ...). Uses the running Ray, else connects to
+    `address`, else starts Ray in this process; settings and checkpoint are checked before. Raises ValueError
+    (flags) or CheckpointError with a message meant for the user.
     """
-    if replicas < 1 or batch_size < 1:
-        raise ValueError(f"--replicas and --batch-size must be at least 1 (got {replicas} and {batch_size}).")
-    if not batch_wait_ms >= 0:
-        raise ValueError(f"--batch-wait-ms must be 0 or more, got {batch_wait_ms}.")
-    if gpus_per_replica is not None and gpus_per_replica < 0:
-        raise ValueError(f"--gpus-per-replica must be 0 or more, got {gpus_per_replica}.")
-    if cpus_per_replica is not None and cpus_per_replica <= 0:
-        raise ValueError(f"--cpus-per-replica must be above 0, got {cpus_per_replica}.")
-    if max_bytes < 1:
-        raise ValueError(f"--max-bytes must be at least 1, got {max_bytes}.")
     if not 1 <= port <= 65535:
         raise ValueError(f"--port must be from 1 to 65535, got {port}.")
-    ckpt = load_calibrated(checkpoint)
-    threshold = float(ckpt.calibration.threshold if threshold is None else threshold)
-    if not np.isfinite(threshold):
-        raise ValueError(f"--threshold must be a finite number, got {threshold}.")
-    info = {
-        "checkpoint": ckpt.id,
-        "model": ckpt.model_config.to_dict(),
-        "scoring": ckpt.scoring.to_dict(),
-        "calibration": ckpt.calibration.to_dict(),
-        "batch_size": batch_size,
-        "batch_wait_ms": batch_wait_ms,
-        "max_bytes": max_bytes,
-    }
+    config = Settings(checkpoint, **settings)
+    ckpt, threshold = _prepare(config)
     started = init_ray(address)
     try:
-        cluster = ray.cluster_resources()
-        gpus = (1.0 if cluster.get("GPU", 0) > 0 else 0.0) if gpus_per_replica is None else float(gpus_per_replica)
-        if cpus_per_replica is None:
-            cpus_per_replica = 1.0 if gpus > 0 else max(1.0, (cluster.get("CPU", 2) - 1) // replicas)
-        app = SSMScorer.options(
-            num_replicas=replicas,
-            ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus},
-            # room for one batch being scored and the next one gathering
-            max_ongoing_requests=2 * batch_size,
-        ).bind(
-            checkpoint if storage.is_remote(checkpoint) else os.path.abspath(checkpoint),
-            info,
-            threshold,
-            batch_size,
-            batch_wait_ms,
-            max(1, int(cpus_per_replica)),
-            gpus > 0,
-            max_bytes,
-        )
+        app, info = _bind(config, ckpt, threshold)
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
     except BaseException:
@@ -264,9 +305,7 @@ def start(
             ray.shutdown()
         raise
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return Served(url=f"http://{shown}:{port}/", started_ray=started,
-                  info={**info, "threshold": threshold, "replicas": replicas, "gpus_per_replica": gpus,
-                        "cpus_per_replica": cpus_per_replica})
+    return Served(url=f"http://{shown}:{port}/", started_ray=started, info=info)
 
 
 def stop(served: Served) -> None:
