@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import _free_port
 from jobs import score as score_job
-from jobs.serve import RAW_BODY_NAME, start, stop
+from jobs.serve import RAW_BODY_NAME, build_app, start, stop
 from ssm.calibration import calibrate, heatmap_to_uint8
 from ssm.checkpoint import load_checkpoint, save_checkpoint
 from ssm.data import decode_image, load_images
@@ -214,3 +214,14 @@ def test_cli_refuses_bad_flags_and_uncalibrated_checkpoints_before_starting(chec
     raw = save_checkpoint(tmp_path / "raw", SSMUNet(ModelConfig(width=4, img_size=IMG_SIZE)),
                           ModelConfig(width=4, img_size=IMG_SIZE))
     assert "is not calibrated" in fails([str(raw)])
+
+
+def test_application_builder_refuses_unknown_settings_by_name(checkpoint):
+    """What Serve config files (k8s/serve-rayservice.yaml) pass to jobs.serve:build_app is checked as the CLI's
+    flags are, before anything is deployed."""
+    with pytest.raises(ValueError, match="no setting batch_sise; its settings are checkpoint, replicas"):
+        build_app({"checkpoint": checkpoint, "batch_sise": 8})
+    with pytest.raises(ValueError, match="needs args.checkpoint"):
+        build_app({"batch_size": 8})
+    with pytest.raises(ValueError, match="--batch-wait-ms must be 0 or more"):
+        build_app({"checkpoint": checkpoint, "batch_wait_ms": -1})
