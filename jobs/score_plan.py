@@ -290,7 +290,8 @@ def _manifest_blocks(f) -> Iterator[bytes]:
             yield block
 
 
-def _manifest_keys(lines: pa.Array, uri: str, base: str, stat: bool) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+def _manifest_keys(lines: pa.Array, uri: str, base: str, stat: bool, subfolders: dict
+                   ) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """One block's lines (UTF-8) as keys, worked out for all lines at once: (keys, kept, slow).
 
     kept: the line names something (not blank, not a comment). slow: the line is read as _manifest_entry
@@ -315,10 +316,36 @@ def _manifest_keys(lines: pa.Array, uri: str, base: str, stat: bool) -> tuple[pa
     slow = pc.or_(slow, pc.ends_with(keys, "/"))  # a folder or prefix
     kept, slow = kept.to_numpy(zero_copy_only=False), slow.to_numpy(zero_copy_only=False)
     if stat and not storage.is_remote(uri):  # a local line naming a folder lists its images
-        local = np.flatnonzero(kept & ~slow & ~remote.to_numpy(zero_copy_only=False))
-        folders = [i for i, p in zip(local, keys.take(local).to_pylist()) if os.path.isdir(p)]
-        slow[folders] = True
+        rows = np.flatnonzero(kept & ~slow & ~remote.to_numpy(zero_copy_only=False))
+        slow[rows[_are_folders(keys.take(rows), subfolders)]] = True
     return keys, kept, slow
+
+
+def _are_folders(paths: pa.Array, subfolders: dict[str, list[str] | None]) -> np.ndarray:
+    """os.path.isdir of each absolute path, from one listing of each distinct parent folder (os.scandir gives
+    each entry's type with the listing, and stats only symlinks) rather than one stat per path. `subfolders`
+    keeps the listings (parent -> its subfolders' paths; None when it cannot be listed) across calls."""
+    parents = pc.replace_substring_regex(paths, r"/[^/]*$", "")
+    found, unlisted = [], []
+    for parent in pc.unique(parents).to_pylist():
+        if parent not in subfolders:
+            try:
+                with os.scandir(parent or "/") as entries:
+                    names = [os.path.join(parent, e.name) for e in entries if e.is_dir()]
+                subfolders[parent] = [p for p in names if row_key(p) == p]  # a UTF-8 line names UTF-8 folders
+            except (FileNotFoundError, NotADirectoryError):
+                subfolders[parent] = []
+            except OSError:  # a folder that cannot be listed: its lines are looked at one by one
+                subfolders[parent] = None
+        if subfolders[parent] is None:
+            unlisted.append(parent)
+        else:
+            found.extend(subfolders[parent])
+    folders = pc.is_in(paths, value_set=pa.array(found, pa.string())).to_numpy(zero_copy_only=False)
+    if unlisted:
+        for i in np.flatnonzero(pc.is_in(parents, value_set=pa.array(unlisted, pa.string())).to_numpy(zero_copy_only=False)):
+            folders[i] = os.path.isdir(paths[i].as_py())
+    return folders
 
 
 def _read_manifest(fs, path: str, uri: str, stat: bool = True) -> Iterator[Source | pa.Array]:
@@ -329,6 +356,7 @@ def _read_manifest(fs, path: str, uri: str, stat: bool = True) -> Iterator[Sourc
     in line order, with the lines that need reading one at a time (_manifest_entry) yielded where they stand.
     """
     base = uri.rsplit("/", 1)[0] if storage.is_remote(uri) else os.path.dirname(path)
+    subfolders: dict[str, list[str] | None] = {}  # see _are_folders
     with fs.open(path, "rb") as f:
         for block in _manifest_blocks(f):
             raw = pc.split_pattern(pa.array([block], pa.binary()), pattern=b"\n").flatten()
@@ -338,7 +366,7 @@ def _read_manifest(fs, path: str, uri: str, stat: bool = True) -> Iterator[Sourc
                 for line in re.split(r"\r\n?|\n", block.decode("utf-8", "surrogateescape")):
                     yield from _manifest_entry(line, uri, base, stat)
                 continue
-            keys, kept, slow = _manifest_keys(lines, uri, base, stat)
+            keys, kept, slow = _manifest_keys(lines, uri, base, stat, subfolders)
             start = 0
             for i in [*np.flatnonzero(kept & slow), len(lines)]:
                 if i > start:
