@@ -169,8 +169,9 @@ def main() -> None:
     for r in runs:
         if r["planner"] == "old":
             new = next(x for x in runs if x["planner"] == "new" and x["inputs"] == r["inputs"] and x["manifest_stat"])
-            ratios[str(r["inputs"])] = {"plan_s_old_over_new": round(r["plan_s"] / max(new["plan_s"], 1e-9), 2),
-                                        "rss_old_over_new": round(r["driver_peak_rss_mb"] / new["driver_peak_rss_mb"], 2)}
+            ratios[str(r["inputs"])] = {
+                "plan_s_old_over_new": round(r["plan_s"] / max(new["plan_s"], 1e-9), 2),
+                "rss_old_over_new": round(r["driver_peak_rss_mb"] / new["driver_peak_rss_mb"], 2)}
     print(json.dumps({"runs": runs, "old_over_new": ratios, "load_average": os.getloadavg()[0],
                       "cpus": os.cpu_count()}))
 

@@ -75,7 +75,7 @@ from jobs.score_output import (
     supersede,
     write_part,
 )
-from jobs.score_plan import _GLOB_CHARS, Source, _kind, _walk_local, list_sources, plan_units, row_key  # noqa: F401
+from jobs.score_plan import _GLOB_CHARS, _kind, list_sources, plan_units, row_key
 from ssm import data as ssm_data
 from ssm.calibration import heatmap_to_uint8
 from ssm.checkpoint import CheckpointError, load_checkpoint

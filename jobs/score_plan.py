@@ -308,7 +308,8 @@ def _manifest_keys(lines: pa.Array, uri: str, base: str, stat: bool, subfolders:
     if storage.is_remote(uri):  # relative lines are under the manifest's prefix
         joined = pc.binary_join_element_wise(base, pc.utf8_ltrim(lines, "/"), "/")
     else:  # relative to the manifest's folder, unless absolute; normalising is left to the slow path
-        joined = pc.if_else(pc.starts_with(lines, "/"), lines, pc.binary_join_element_wise(base.rstrip("/"), lines, "/"))
+        relative = pc.binary_join_element_wise(base.rstrip("/"), lines, "/")
+        joined = pc.if_else(pc.starts_with(lines, "/"), lines, relative)
         slow = pc.or_(slow, pc.starts_with(lines, "~"))
         slow = pc.or_(slow, pc.and_(pc.invert(remote), pc.match_substring_regex(joined, r"(^|/)\.\.?(/|$)|//|/$")))
     keys = pc.if_else(remote, lines, joined)
@@ -343,7 +344,8 @@ def _are_folders(paths: pa.Array, subfolders: dict[str, list[str] | None]) -> np
             found.extend(subfolders[parent])
     folders = pc.is_in(paths, value_set=pa.array(found, pa.string())).to_numpy(zero_copy_only=False)
     if unlisted:
-        for i in np.flatnonzero(pc.is_in(parents, value_set=pa.array(unlisted, pa.string())).to_numpy(zero_copy_only=False)):
+        look = pc.is_in(parents, value_set=pa.array(unlisted, pa.string())).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(look):
             folders[i] = os.path.isdir(paths[i].as_py())
     return folders
 

@@ -466,7 +466,7 @@ def test_listing_follows_symlinks_once_reads_manifests_and_names_empty_inputs(tm
                       str(tmp_path / "nothing" / "*.png"), str(tmp_path / "missing.png")]
 
     # A folder that cannot be listed (here: removed while the walk is under way) is an error, not a skip.
-    from jobs.score import _walk_local
+    from jobs.score_plan import _walk_local
 
     gone = tmp_path / "gone"
     _write(gone / "inner", {"b.png": png})
