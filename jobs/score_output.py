@@ -162,13 +162,13 @@ class OutputState:
         return self.rows if mask.all() else self.rows.filter(pa.array(mask))
 
 
-_HASH_ROWS = 1 << 20
+_HASH_ROWS = 1 << 17  # keys turned into Python objects at a time, to hash them
 
 
 def first_of_each_key(*columns: pa.ChunkedArray, keep: str = "first") -> np.ndarray:
     """A mask of the rows that are the first (keep="last": the last) of their key, the values of `columns`
-    taken together. Keys are compared by Python's hash of each, a million at a time; only the rows whose
-    hash repeats are then compared in full, so memory stays a few bytes per row beyond the columns."""
+    taken together. Keys are compared by Python's hash of each, _HASH_ROWS at a time; only the rows whose
+    hash repeats are then compared in full, so memory stays about 16 bytes per row beyond the columns."""
     n = len(columns[0])
     hashes = np.empty(n, np.int64)
     for start in range(0, n, _HASH_ROWS):
@@ -176,15 +176,11 @@ def first_of_each_key(*columns: pa.ChunkedArray, keep: str = "first") -> np.ndar
         count = len(values[0])
         hashes[start : start + count] = np.fromiter(map(hash, values[0] if len(values) == 1 else zip(*values)),
                                                     np.int64, count)
-    order = np.argsort(hashes, kind="stable")
-    same = hashes[order[1:]] == hashes[order[:-1]]
-    del hashes
-    repeated = np.zeros(n, bool)
-    repeated[order[1:][same]] = True
-    repeated[order[:-1][same]] = True
-    del order, same
+    ordered = np.sort(hashes)
+    repeats = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])  # hashes held by more than one row
+    del ordered
     first = np.ones(n, bool)
-    rows = np.flatnonzero(repeated)
+    rows = np.flatnonzero(np.isin(hashes, repeats)) if len(repeats) else np.array([], np.int64)
     if len(rows):
         if keep == "last":
             rows = rows[::-1]
@@ -262,6 +258,7 @@ def read_output(out: str) -> OutputState:
     if tables:
         rows = pa.concat_tables([t.cast(_EMPTY_ROWS.schema) for _, t in tables])
         state.rows = rows.set_column(1, "member", rows["member"].fill_null(""))
+        pa.default_memory_pool().release_unused()
     return state
 
 

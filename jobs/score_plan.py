@@ -474,6 +474,7 @@ def list_sources(inputs: Sequence[str], manifest_stat: bool = True) -> Sources:
                 f"check the input."
             )
     listing.flush()
+    pa.default_memory_pool().release_unused()  # what parsing the manifests held, back to the system
     keys = pa.chunked_array(listing.keys, pa.string())
     first = first_of_each_key(pa.chunked_array(listing.idents, pa.string()))
     if not first.all():
@@ -527,15 +528,17 @@ def plan_units(sources: Sources, state: OutputState, retry_errors: bool = False)
     listed = pc.unique(sources.keys.filter(pc.is_in(sources.keys, value_set=maybe)))
     retry = pc.and_(retryable, pc.is_in(latest["path"], value_set=listed))
     retried = latest.filter(retry).select(["path", "member"])
-    done = latest.filter(pc.invert(retry)) if retried.num_rows else latest
+    plain = pc.equal(latest["member"], "")
+    members = latest.filter(pc.and_(pc.invert(plain), pc.invert(retry))).select(["path", "member"])
+    # Images and tars whose own row (a tar's archive-level error) is done: the one large set lookup, against
+    # every plain row (no copy of the paths when all rows are plain), less the retried ones.
+    paths = latest["path"] if pc.all(plain).as_py() is not False else latest["path"].filter(plain)
     del latest
-    plain = pc.equal(done["member"], "")
-    members = done.filter(pc.invert(plain)).select(["path", "member"])
-    done_paths = done["path"].filter(plain)
-    del done
-    # Images and tars whose own row (a tar's archive-level error) is done: the one large set lookup.
-    finished = pc.is_in(sources.keys, value_set=done_paths)
-    del done_paths
+    finished = pc.is_in(sources.keys, value_set=paths)
+    del paths
+    again = retried["path"].filter(pc.equal(retried["member"], ""))
+    if len(again):
+        finished = pc.and_(finished, pc.invert(pc.is_in(sources.keys, value_set=again)))
     skipped = pc.sum(finished).as_py() or 0
     tar = pc.match_substring_regex(sources.keys, _TAR_NAME)
     tars = sources.keys.filter(pc.and_(pc.invert(finished), tar)).combine_chunks()
