@@ -165,10 +165,8 @@ class OutputState:
 _HASH_ROWS = 1 << 17  # keys turned into Python objects at a time, to hash them
 
 
-def first_of_each_key(*columns: pa.ChunkedArray, keep: str = "first") -> np.ndarray:
-    """A mask of the rows that are the first (keep="last": the last) of their key, the values of `columns`
-    taken together. Keys are compared by Python's hash of each, _HASH_ROWS at a time; only the rows whose
-    hash repeats are then compared in full, so memory stays about 16 bytes per row beyond the columns."""
+def _hashes(*columns: pa.ChunkedArray) -> np.ndarray:
+    """Python's hash of each row's key (the values of `columns` together), _HASH_ROWS rows at a time."""
     n = len(columns[0])
     hashes = np.empty(n, np.int64)
     for start in range(0, n, _HASH_ROWS):
@@ -176,6 +174,43 @@ def first_of_each_key(*columns: pa.ChunkedArray, keep: str = "first") -> np.ndar
         count = len(values[0])
         hashes[start : start + count] = np.fromiter(map(hash, values[0] if len(values) == 1 else zip(*values)),
                                                     np.int64, count)
+    return hashes
+
+
+def is_in_large(values: pa.ChunkedArray, value_set: pa.ChunkedArray) -> np.ndarray:
+    """pyarrow.compute.is_in(values, value_set) as a NumPy mask, for a value_set of millions: pc.is_in builds a
+    hash table holding a copy of every string (about 120 bytes a value); this keeps 16 bytes a value (hashes,
+    sorted) and compares in full only the values whose hash is found."""
+    hashes = _hashes(value_set)
+    order = np.argsort(hashes, kind="stable")
+    hashes = hashes[order]
+    found = np.zeros(len(values), bool)
+    if not len(hashes):
+        return found
+    for start in range(0, len(values), _HASH_ROWS):
+        chunk = values.slice(start, _HASH_ROWS)
+        mine = _hashes(chunk)
+        at = np.searchsorted(hashes, mine).clip(max=len(hashes) - 1)
+        rows = np.flatnonzero(hashes[at] == mine)
+        if not len(rows):
+            continue
+        same = pc.equal(chunk.take(pa.array(rows)), value_set.take(pa.array(order[at[rows]])))
+        same = same.to_numpy(zero_copy_only=False) if isinstance(same, pa.Array) else same.to_numpy()
+        found[start + rows[same]] = True
+        for i in rows[~same]:  # a hash that several values share (rare): the others, one by one
+            j, value = at[i] + 1, chunk[int(i)].as_py()
+            while j < len(hashes) and hashes[j] == mine[i] and not found[start + i]:
+                found[start + i] = value_set[int(order[j])].as_py() == value
+                j += 1
+    return found
+
+
+def first_of_each_key(*columns: pa.ChunkedArray, keep: str = "first") -> np.ndarray:
+    """A mask of the rows that are the first (keep="last": the last) of their key, the values of `columns`
+    taken together. Keys are compared by Python's hash of each, _HASH_ROWS at a time; only the rows whose
+    hash repeats are then compared in full, so memory stays about 16 bytes per row beyond the columns."""
+    n = len(columns[0])
+    hashes = _hashes(*columns)
     ordered = np.sort(hashes)
     repeats = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])  # hashes held by more than one row
     del ordered

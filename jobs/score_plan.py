@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import storage
-from jobs.score_output import TRANSIENT, OutputState, first_of_each_key
+from jobs.score_output import TRANSIENT, OutputState, first_of_each_key, is_in_large
 from ssm.data import IMAGE_EXTENSIONS, DataError
 
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
@@ -522,6 +522,7 @@ def plan_units(sources: Sources, state: OutputState, retry_errors: bool = False)
     this time are left as they are.
     """
     latest = state.latest()
+    duplicates = latest.num_rows < state.rows.num_rows
     kinds = latest["error_kind"]
     retryable = (pc.is_valid(kinds) if retry_errors else pc.equal(kinds, TRANSIENT)).fill_null(False)
     maybe = pc.unique(latest["path"].filter(retryable))
@@ -530,11 +531,11 @@ def plan_units(sources: Sources, state: OutputState, retry_errors: bool = False)
     retried = latest.filter(retry).select(["path", "member"])
     plain = pc.equal(latest["member"], "")
     members = latest.filter(pc.and_(pc.invert(plain), pc.invert(retry))).select(["path", "member"])
-    # Images and tars whose own row (a tar's archive-level error) is done: the one large set lookup, against
+    # Images and tars whose own row (a tar's archive-level error) is done: the one large set lookup (by hash), against
     # every plain row (no copy of the paths when all rows are plain), less the retried ones.
     paths = latest["path"] if pc.all(plain).as_py() is not False else latest["path"].filter(plain)
     del latest
-    finished = pc.is_in(sources.keys, value_set=paths)
+    finished = pa.array(is_in_large(sources.keys, pa.chunked_array([paths]) if isinstance(paths, pa.Array) else paths))
     del paths
     again = retried["path"].filter(pc.equal(retried["member"], ""))
     if len(again):
@@ -564,5 +565,4 @@ def plan_units(sources: Sources, state: OutputState, retry_errors: bool = False)
             "uris": _lists(_unit_uris(keys, sources.uris), counts, pa.binary()),
             "skip": _lists(pa.array([], pa.string()), np.zeros(len(counts), np.int64), pa.string()),
         }))
-    units = pa.concat_tables(tables).combine_chunks()
-    return Plan(units, skipped, retried, duplicates=state.rows.num_rows > len(state.latest()))
+    return Plan(pa.concat_tables(tables), skipped, retried, duplicates)
