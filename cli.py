@@ -308,6 +308,10 @@ def score(
         Backend.torch, "--backend", help="What runs the network's forward passes: torch (the checkpoint), or "
         "onnxruntime (then --checkpoint is a local .onnx file from `ssm export`, run on the CPU; masks, "
         "refinement, fusion and tiling stay the same). One --out holds one backend's scores."),
+    manifest_stat: bool = typer.Option(
+        True, "--manifest-stat/--no-manifest-stat", help="Look at each manifest line on disk while planning (is it "
+        "a folder? a symlinked folder?). --no-manifest-stat takes each line as a file unless it ends with / or holds "
+        "a glob, and resolves no symlinks: for manifests of millions of lines on slow file systems."),
 ):
     """Score every image in INPUTS on Ray and write one Parquet row per image (score, anomaly flag, heatmap)."""
     from jobs.score import score as score_job
@@ -317,7 +321,8 @@ def score(
     try:
         summary = score_job(inputs, checkpoint, out, workers=workers, gpus_per_worker=gpus_per_worker,
                             batch_size=batch_size, threshold=threshold, address=address, bf16=bf16,
-                            retry_errors=retry_errors, backend=backend.value)
+                            retry_errors=retry_errors, backend=backend.value,
+                            manifest_stat=manifest_stat)
     except (DataError, CheckpointError, ValueError) as e:
         _fail(str(e))
     typer.echo(summary.describe())

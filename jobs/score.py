@@ -2,7 +2,8 @@
 
 The job is one chain, in the order the data flows:
 
-    inputs --list (driver)--> work units: a tar shard (its image members are rows) or a group of files
+    inputs --list, resume, plan (driver: jobs/score_plan.py)--> work units: a tar shard (its image members
+                                           are rows) or a group of files, one row each of an Arrow table
            --decode_sources (CPU tasks)--> pixels as the model takes them (img_size square, or the image at
                                            its scaled size for a tiled model), or the row's error
            --ScoreBatches (actor pool; each actor loads the checkpoint once)--> scores, heatmap PNGs
@@ -39,8 +40,6 @@ written (0 = vmin, 255 = vmax), the resolution it was scored at, and what ran th
 
 from __future__ import annotations
 
-import functools
-import glob
 import io
 import json
 import logging
@@ -76,6 +75,7 @@ from jobs.score_output import (
     supersede,
     write_part,
 )
+from jobs.score_plan import _GLOB_CHARS, _kind, list_sources, plan_units, row_key
 from ssm import data as ssm_data
 from ssm.calibration import heatmap_to_uint8
 from ssm.checkpoint import CheckpointError, load_checkpoint
@@ -84,9 +84,6 @@ from ssm.export import ExportError, load_exported
 
 log = logging.getLogger(__name__)
 
-TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
-MANIFEST_EXTENSIONS = (".txt", ".lst")
-_FILES_PER_UNIT = 32  # image files per decode task; each tar shard gets a task of its own
 # Memory reserved per decode task (see decode_memory): the worker process itself, which holds torch (ssm
 # imports it), about 400 MB measured; the decoded rows it holds before yielding them (at most
 # _DECODE_HELD_BYTES for a tiled model); and the peak of decoding one image at ssm.data.MAX_IMAGE_PIXELS,
@@ -98,272 +95,11 @@ _DECODE_WORKER_MEMORY = 400 << 20
 _DECODE_HELD_BYTES = 256 << 20
 _DECODE_PEAK_PER_PIXEL = {"reduced": 8, "full": 32}
 _MAX_MEMBER_BYTES = 1 << 30  # a file or tar member larger than this is an error row, not read into memory
-_GLOB_CHARS = "*?["
 # Fault injection for the tests: "N:MARKER" makes a scoring actor exit hard after N batches, once (the
 # marker file records that it happened, so the restarted actor carries on).
 _EXIT_AFTER_ENV = "SSM_SCORE_EXIT_AFTER_BATCHES"
 # What runs the network's forward passes: the checkpoint in torch, or an exported ONNX file in onnxruntime.
 BACKENDS = ("torch", "onnxruntime")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Listing the inputs (driver)
-
-
-def row_key(name: str) -> str:
-    """`name` (a path, URI or tar member name) as written in the output's path and member columns.
-
-    Names that are valid UTF-8 are written as they are. A name that is not (a local file name or tar
-    member holding other bytes, which Python reads as surrogate escapes) is written with its bytes that are
-    not UTF-8 as \\xNN and its backslashes doubled, Python's escape form: the original bytes are
-    codecs.escape_decode(key.encode())[0], e.g. os.fsdecode(...) of them opens the file.
-    """
-    try:
-        name.encode("utf-8")
-        return name
-    except UnicodeEncodeError:
-        try:
-            raw = name.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:  # lone surrogates that are not escaped bytes
-            raw = name.encode("utf-8", "surrogatepass")
-        return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
-
-
-@dataclass(frozen=True)
-class Source:
-    uri: str  # absolute local path or scheme://bucket/key, as read (may hold surrogate escapes)
-    kind: str  # "image" or "tar"
-
-    @property
-    def key(self) -> str:
-        """The output's path for this source (see row_key)."""
-        return row_key(self.uri)
-
-
-def _kind(name: str) -> str | None:
-    """"image", "tar" or None (not ours) by the file name; hidden files are not ours."""
-    base = posixpath.basename(name.replace(os.sep, "/")).lower()
-    if base.startswith("."):
-        return None
-    if base.endswith(TAR_EXTENSIONS):
-        return "tar"
-    if base.endswith(IMAGE_EXTENSIONS):
-        return "image"
-    return None
-
-
-def _named(uri: str) -> Source:
-    """An input named explicitly (argument or manifest line): scored whatever its extension."""
-    return Source(uri, "tar" if uri.lower().endswith(TAR_EXTENSIONS) else "image")
-
-
-def _walk_local(root: str) -> Iterator[Source]:
-    """Image and tar files under `root`, following symlinked folders; a folder reached twice (a link
-    back up the tree, two links to one folder) is read only the first time. A folder that cannot be
-    listed (permissions) raises, so that list_sources names it instead of skipping its images."""
-    visited: set[tuple[int, int]] = set()
-
-    def unreadable(e: OSError):  # a folder that cannot be listed stops the job, naming it, not skipped
-        raise e
-
-    for folder, subdirs, files in os.walk(root, followlinks=True, onerror=unreadable):
-        st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in visited:
-            subdirs[:] = []
-            continue
-        visited.add((st.st_dev, st.st_ino))
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for f in sorted(files):
-            kind = _kind(f)
-            if kind:
-                yield Source(os.path.join(folder, f), kind)
-
-
-def _folders_once(root: str) -> Iterator[str]:
-    """`root` and the folders under it, following symlinked folders, each real folder once, shallowest first;
-    hidden folders are skipped (as glob's `**` skips them)."""
-    seen: set[str] = set()
-    queue = [root]
-    for folder in queue:  # grows while it is read: breadth first
-        real = os.path.realpath(folder)
-        if real in seen:
-            continue
-        seen.add(real)
-        yield folder
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
-            continue
-        queue.extend(e.path for e in entries if not e.name.startswith(".") and e.is_dir())
-
-
-def _glob_local(pattern: str) -> list[str]:
-    """glob.glob(pattern, recursive=True), except that each `**` visits every real folder once: glob's own
-    `**` follows a symlink loop until the path is too long, and with two links back up that is 2**40 paths."""
-    parts = pattern.split(os.sep)
-    if "**" not in parts:
-        return glob.glob(pattern)
-    i = parts.index("**")
-    base = os.sep.join(parts[:i]) or (os.sep if pattern.startswith(os.sep) else os.curdir)
-    rest = os.sep.join(parts[i + 1 :])
-    bases = [b for b in (glob.glob(base) if any(c in base for c in _GLOB_CHARS) else [base]) if os.path.isdir(b)]
-    if not rest:  # "DIR/**": the folders themselves, walked as folders are
-        return bases
-    return [m for b in bases for d in _folders_once(b) for m in _glob_local(os.path.join(glob.escape(d), rest))]
-
-
-def _manifest_line(uri: str) -> Iterator[Source]:
-    """What one manifest line names: a file (scored whatever its extension), or the images of a folder
-    (local; s3:// when the line ends with "/") or glob. A line that names nothing is still yielded as a
-    file, so that it becomes an error row saying so."""
-    remote = storage.is_remote(uri)
-    path = uri.split("://", 1)[1] if remote else uri
-    pattern = any(c in path for c in _GLOB_CHARS) and not (not remote and os.path.isfile(uri))
-    if not (pattern or (uri.endswith("/") if remote else os.path.isdir(uri))):
-        yield _named(uri)
-        return
-    found = False
-    try:
-        for source in _expand(uri):
-            found = True
-            yield source
-    except DataError:
-        pass
-    if not found:
-        yield Source(uri, "image")
-
-
-def _read_manifest(fs, path: str, uri: str) -> Iterator[Source]:
-    """The sources named by a manifest: UTF-8 (a byte-order mark is ignored; bytes that are not UTF-8 are
-    kept as surrogate escapes, so such file names still open), one path, URI, folder or glob a line."""
-    base = uri.rsplit("/", 1)[0] if storage.is_remote(uri) else os.path.dirname(path)
-    with fs.open(path, "r", encoding="utf-8-sig", errors="surrogateescape") as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if storage.is_remote(line):
-                yield from _manifest_line(line)
-            elif "://" in line:  # file://
-                yield from _manifest_line(os.path.abspath(line.split("://", 1)[1]))
-            elif storage.is_remote(uri):  # relative to the manifest's prefix
-                yield from _manifest_line(f"{base}/{line.lstrip('/')}")
-            else:  # relative to the manifest's folder, unless absolute
-                yield from _manifest_line(os.path.abspath(os.path.join(base, os.path.expanduser(line))))
-
-
-def _expand(given: str) -> Iterator[Source]:
-    remote = storage.is_remote(given)
-    fs, path = storage.fsspec_for(given)
-    scheme = given.split("://", 1)[0] + "://" if remote else ""
-
-    def uri(p: str) -> str:
-        return scheme + p if remote else os.path.abspath(p)
-
-    if any(c in path for c in _GLOB_CHARS) and not (not remote and os.path.isfile(path)):
-        if remote:  # one listing with the types, not one request per match
-            matches = sorted((p, info["type"] == "directory") for p, info in fs.glob(path, detail=True).items())
-        else:
-            # Shallowest first: a file also reached through a loop of symlinked folders keeps its short path.
-            found = sorted(_glob_local(path), key=lambda p: (p.count(os.sep), p))
-            matches = [(p, os.path.isdir(p)) for p in found]
-        for m, is_dir in matches:
-            if is_dir:
-                yield from _expand(uri(m))
-            elif _kind(m):
-                yield Source(uri(m), _kind(m))
-        return
-    if not remote and os.path.isdir(path):
-        yield from _walk_local(path)
-        return
-    if remote and fs.isdir(path):
-        root = path.rstrip("/") + "/"
-        for p in sorted(fs.find(path)):
-            hidden = any(part.startswith(".") for part in p[len(root):].split("/")[:-1])
-            if not hidden and _kind(p):
-                yield Source(uri(p), _kind(p))
-        return
-    if fs.isfile(path):
-        if path.lower().endswith(MANIFEST_EXTENSIONS):
-            yield from _read_manifest(fs, path, uri(path))
-        else:
-            yield _named(uri(path))
-        return
-    raise DataError(f"{row_key(given)}: input not found; check the path or URI.")
-
-
-def _identity(source: Source) -> str | tuple[str, str]:
-    """What makes two listed sources the same file: the URI, or for a local file its real folder and
-    name (a file reached through symlinked folders or a loop of them is listed once, under the first path
-    found; a symlink to a file in another folder is a file of its own)."""
-    if storage.is_remote(source.uri):
-        return source.uri
-    folder, name = os.path.split(source.uri)
-    return _realpath(folder), name
-
-
-_realpath = functools.lru_cache(maxsize=4096)(os.path.realpath)
-
-
-def list_sources(inputs: Sequence[str]) -> list[Source]:
-    """The image files and tar shards named by `inputs`, each once, in a stable order.
-
-    Raises DataError naming the first input that yields no image or tar at all (a glob that matches
-    nothing, an empty folder or manifest), before anything is scored.
-    """
-    found: dict[str | tuple[str, str], Source] = {}
-    for given in inputs:
-        given = os.fspath(given)
-        if isinstance(given, bytes):
-            given = os.fsdecode(given)
-        n = 0
-        try:
-            for source in _expand(given):
-                n += 1
-                found.setdefault(_identity(source), source)
-        except DataError:
-            raise
-        except Exception as e:  # permissions, a missing bucket, bad credentials...
-            raise DataError(
-                f"{row_key(given)}: cannot list this input ({type(e).__name__}: {e}); check the path and access."
-            ) from e
-        if n == 0:
-            raise DataError(
-                f"{row_key(given)}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}, or tar archives); "
-                f"check the input."
-            )
-    return list(found.values())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Resuming: what is left to score (what OUT holds: jobs/score_output.py)
-
-
-def _plan_units(sources: Sequence[Source], done: set[tuple[str, str]]) -> tuple[list[dict], int]:
-    """Work units for the decode tasks, leaving out what `done` holds; also how many images were skipped.
-
-    A unit is a tar shard, or a group of image files; each becomes one block and one decode task. A tar
-    whose archive-level error row is done is skipped whole; otherwise its done members are passed along,
-    so that only the missing ones are decoded. Lists travel as JSON strings.
-    """
-    by_tar: dict[str, list[str]] = {}
-    tars = {s.key for s in sources if s.kind == "tar"}
-    for path, member in done:
-        if member and path in tars:
-            by_tar.setdefault(path, []).append(member)
-    images, units, skipped = [], [], 0
-    for s in sources:
-        if (s.key, "") in done:
-            skipped += 1
-        elif s.kind == "image":
-            images.append(s.uri)
-        else:
-            members = sorted(by_tar.get(s.key, []))
-            skipped += len(members)
-            units.append({"kind": "tar", "uris": json.dumps([s.uri]), "skip": json.dumps(members)})
-    for i in range(0, len(images), _FILES_PER_UNIT):
-        units.append({"kind": "images", "uris": json.dumps(images[i : i + _FILES_PER_UNIT]), "skip": "[]"})
-    return units, skipped
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -628,8 +364,9 @@ def _decode_reservation(model_config, rows: int) -> int:
     return need
 
 
-def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Iterator[dict]:
-    """Read and decode the work units of one block; yield batches of `rows` rows (fewer at the end).
+def decode_sources(batch: pa.Table, model_config, rows: int) -> Iterator[dict]:
+    """Read and decode the work units of one block (rows of jobs/score_plan.Plan.units); yield batches of
+    `rows` rows (fewer at the end).
 
     Columns out: path, member ("" for plain files), pixels float32 (C, S, S) as the model takes them, or
     (C, H, W) at the image's scaled size for a tiled model (zeros on error rows), width, height (original
@@ -666,10 +403,11 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
         held[0] = 0
         return b
 
-    for kind, uris, skip in zip(batch["kind"], batch["uris"], batch["skip"]):
+    for kind, uris, skip in zip(*(batch[c].to_pylist() for c in ("kind", "uris", "skip"))):
+        uris = [u.decode("utf-8", "surrogateescape") for u in uris]  # a name that is not UTF-8 opens as listed
         if kind == "tar":
-            uri = json.loads(uris)[0]
-            for member, data, error in _tar_members(uri, set(json.loads(skip))):
+            uri = uris[0]
+            for member, data, error in _tar_members(uri, set(skip)):
                 if error is None:
                     add(uri, member, *decode_bytes(data, model_config, f"{member} in {uri}"))
                 else:
@@ -677,7 +415,7 @@ def decode_sources(batch: dict[str, np.ndarray], model_config, rows: int) -> Ite
                 if full():
                     yield flush()
             continue
-        for uri in json.loads(uris):
+        for uri in uris:
             try:
                 data = _read_bytes(uri)
             except Exception as e:
@@ -954,6 +692,7 @@ def score(
     bf16: bool = False,
     retry_errors: bool = False,
     backend: str = "torch",
+    manifest_stat: bool = True,
 ) -> ScoreSummary:
     """Score every image under `inputs` with `checkpoint` and write the rows to `out` (folder or s3://).
 
@@ -964,6 +703,7 @@ def score(
     retry_errors: also retry rows with a permanent error (transient ones are always retried).
     backend "onnxruntime": `checkpoint` is a local .onnx file from `ssm export`, whose network onnxruntime runs
     on the CPU inside the same Scorer; the output records the backend and a resume must use the same one.
+    manifest_stat=False: manifest lines are not looked at on disk while planning (jobs/score_plan.py).
     Raises DataError (inputs, output) or CheckpointError with a message meant for the user.
     """
     if workers < 1 or batch_size < 1:
@@ -993,29 +733,28 @@ def score(
         "checkpoint": ckpt.id,
     }
     check_reachable(out)
-    sources = list_sources(inputs)
+    sources = list_sources(inputs, manifest_stat=manifest_stat)
     with OutputLock(out) as lock:
         state = read_output(out)
         check_same_run(out, state, metadata)
-        listed = {s.key for s in sources}  # rows of inputs not given this time are left as they are
-        retry = {key for key in state.to_retry(retry_errors) if key[0] in listed}
-        latest = state.latest()
-        units, skipped = _plan_units(sources, set(latest) - retry)
-        summary = ScoreSummary(out=out, inputs=len(sources), skipped=skipped, retried=len(retry))
+        plan = plan_units(sources, state, retry_errors)
+        summary = ScoreSummary(out=out, inputs=len(sources), skipped=plan.skipped, retried=plan.retried.num_rows)
+        del sources, state  # the plan holds what is left: the keys in it, once
         run = new_run_id()
-        if units:
+        units = plan.units
+        if units.num_rows:
             sink = ParquetSink(out, metadata, run, rows_per_file)
             _score_units(units, sink, summary, ckpt, checkpoint, threshold, workers=workers,
                          gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
                          address=address, progress=progress, runtime_env=runtime_env, bf16=bf16,
                          backend=backend)
         lock.check()
-        if units or sum(len(p.keys) for p in state.parts) > len(latest):  # new rows, or duplicates left by a crash
-            summary.superseded = supersede(out, run, retry)
+        if units.num_rows or plan.duplicates:  # new rows, or duplicates left by a crash
+            summary.superseded = supersede(out, run, plan.retried)
     return summary
 
 
-def _score_units(units: list[dict], sink: ParquetSink, summary: ScoreSummary, ckpt, checkpoint: str,
+def _score_units(units: pa.Table, sink: ParquetSink, summary: ScoreSummary, ckpt, checkpoint: str,
                  threshold: float, *, workers: int, gpus_per_worker: float | None, cpus_per_worker: float | None,
                  batch_size: int, address: str | None, progress: bool, runtime_env: dict | None,
                  bf16: bool, backend: str = "torch") -> None:
@@ -1030,10 +769,11 @@ def _score_units(units: list[dict], sink: ParquetSink, summary: ScoreSummary, ck
         if cpus_per_worker is None:
             cpus_per_worker = 1.0 if gpus > 0 else max(1.0, (cluster.get("CPU", 2) - 1) // workers)
         t0 = time.perf_counter()
-        ds = ray.data.from_items(units, override_num_blocks=len(units))
+        ds = ray.data.from_arrow(units, override_num_blocks=units.num_rows)
         ds = ds.map_batches(
             decode_sources,
             batch_size=None,  # one work unit (a tar shard, or a few dozen files) per task
+            batch_format="pyarrow",
             fn_kwargs={"model_config": ckpt.model_config, "rows": batch_size},
             num_cpus=1,
             memory=_decode_reservation(ckpt.model_config, batch_size),

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -77,9 +78,6 @@ _TRANSIENT_ERRORS = re.compile(
     r"|cannot read this tar inside the archive|file not found; |matches no image file"
     r"|which does not exist; fix or remove the link|a folder with no images in it"
 )
-
-Key = tuple[str, str]  # (path, member or "")
-
 
 def is_part(path: str, fs) -> bool:
     """Whether the file at `path` is one of the job's files: named like one, with the b"ssm" metadata."""
@@ -138,26 +136,97 @@ def with_error_kind(table: pa.Table) -> pa.Table:
 class Part:
     name: str
     run: str
-    keys: list[Key]
-    kinds: list[str | None]  # error_kind of each row
+    rows: int
+
+
+_EMPTY_ROWS = pa.schema([("path", pa.string()), ("member", pa.string()), ("error_kind", pa.string())]).empty_table()
 
 
 @dataclass
 class OutputState:
     parts: list[Part] = field(default_factory=list)  # the job's files, oldest run first
     metadata: list[dict] = field(default_factory=list)  # the distinct b"ssm" metadata among them
+    # Every row of those files, part after part: path, member ("" for plain files), error_kind.
+    rows: pa.Table = field(default_factory=lambda: _EMPTY_ROWS)
+    _latest: np.ndarray | None = field(default=None, repr=False)
 
-    def latest(self) -> dict[Key, tuple[Part, str | None]]:
-        """Each key's row that counts: the one in the newest file (name order within a run)."""
-        rows: dict[Key, tuple[Part, str | None]] = {}
-        for part in self.parts:
-            for key, kind in zip(part.keys, part.kinds):
-                rows[key] = (part, kind)
-        return rows
+    def latest_mask(self) -> np.ndarray:
+        """Which rows count: each key's row in the newest file (name order within a run)."""
+        if self._latest is None:
+            self._latest = first_of_each_key(self.rows["path"], self.rows["member"], keep="last")
+        return self._latest
 
-    def to_retry(self, retry_errors: bool = False) -> set[Key]:
-        """Keys whose latest row is an error a rerun should try again."""
-        return {k for k, (_, kind) in self.latest().items() if kind == TRANSIENT or (kind and retry_errors)}
+    def latest(self) -> pa.Table:
+        """The rows that count (latest_mask), one per key."""
+        mask = self.latest_mask()
+        return self.rows if mask.all() else self.rows.filter(pa.array(mask))
+
+
+_HASH_ROWS = 1 << 17  # keys turned into Python objects at a time, to hash them
+
+
+def _hashes(*columns: pa.ChunkedArray) -> np.ndarray:
+    """Python's hash of each row's key (the values of `columns` together), _HASH_ROWS rows at a time."""
+    n = len(columns[0])
+    hashes = np.empty(n, np.int64)
+    for start in range(0, n, _HASH_ROWS):
+        values = [c.slice(start, _HASH_ROWS).to_pylist() for c in columns]
+        count = len(values[0])
+        hashes[start : start + count] = np.fromiter(map(hash, values[0] if len(values) == 1 else zip(*values)),
+                                                    np.int64, count)
+    return hashes
+
+
+def is_in_large(values: pa.ChunkedArray, value_set: pa.ChunkedArray) -> np.ndarray:
+    """pyarrow.compute.is_in(values, value_set) as a NumPy mask, for a value_set of millions: pc.is_in builds a
+    hash table holding a copy of every string (about 120 bytes a value); this keeps 16 bytes a value (hashes,
+    sorted) and compares in full only the values whose hash is found."""
+    hashes = _hashes(value_set)
+    order = np.argsort(hashes, kind="stable")
+    hashes = hashes[order]
+    found = np.zeros(len(values), bool)
+    if not len(hashes):
+        return found
+    for start in range(0, len(values), _HASH_ROWS):
+        chunk = values.slice(start, _HASH_ROWS)
+        mine = _hashes(chunk)
+        at = np.searchsorted(hashes, mine).clip(max=len(hashes) - 1)
+        rows = np.flatnonzero(hashes[at] == mine)
+        if not len(rows):
+            continue
+        same = pc.equal(chunk.take(pa.array(rows)), value_set.take(pa.array(order[at[rows]])))
+        same = same.to_numpy(zero_copy_only=False) if isinstance(same, pa.Array) else same.to_numpy()
+        found[start + rows[same]] = True
+        for i in rows[~same]:  # a hash that several values share (rare): the others, one by one
+            j, value = at[i] + 1, chunk[int(i)].as_py()
+            while j < len(hashes) and hashes[j] == mine[i] and not found[start + i]:
+                found[start + i] = value_set[int(order[j])].as_py() == value
+                j += 1
+    return found
+
+
+def first_of_each_key(*columns: pa.ChunkedArray, keep: str = "first") -> np.ndarray:
+    """A mask of the rows that are the first (keep="last": the last) of their key, the values of `columns`
+    taken together. Keys are compared by Python's hash of each, _HASH_ROWS at a time; only the rows whose
+    hash repeats are then compared in full, so memory stays about 16 bytes per row beyond the columns."""
+    n = len(columns[0])
+    hashes = _hashes(*columns)
+    ordered = np.sort(hashes)
+    repeats = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])  # hashes held by more than one row
+    del ordered
+    first = np.ones(n, bool)
+    rows = np.flatnonzero(np.isin(hashes, repeats)) if len(repeats) else np.array([], np.int64)
+    if len(rows):
+        if keep == "last":
+            rows = rows[::-1]
+        values = [c.take(pa.array(rows)).to_pylist() for c in columns]
+        seen = set()
+        for row, key in zip(rows, values[0] if len(values) == 1 else zip(*values)):
+            if key in seen:
+                first[row] = False
+            else:
+                seen.add(key)
+    return first
 
 
 def check_reachable(out: str) -> None:
@@ -186,6 +255,7 @@ def read_output(out: str) -> OutputState:
     """
     fs, root = _check_folder(out)
     state = OutputState()
+    tables: list[tuple[Part, pa.Table]] = []
     fs.invalidate_cache()  # files written since the last listing (by pyarrow, or by another run)
     if not fs.exists(root):
         return state
@@ -214,12 +284,16 @@ def read_output(out: str) -> OutputState:
                         "path/member/error columns", p)
             continue
         table = with_error_kind(table)
-        keys = list(zip(table["path"].to_pylist(), (m or "" for m in table["member"].to_pylist())))
-        state.parts.append(Part(base, match.group(1), keys, table["error_kind"].to_pylist()))
+        tables.append((Part(base, match.group(1), table.num_rows), table.select(["path", "member", "error_kind"])))
         meta = json.loads(meta)
         if meta not in state.metadata:
             state.metadata.append(meta)
-    state.parts.sort(key=lambda part: (part.run, part.name))
+    tables.sort(key=lambda t: (t[0].run, t[0].name))
+    state.parts = [part for part, _ in tables]
+    if tables:
+        rows = pa.concat_tables([t.cast(_EMPTY_ROWS.schema) for _, t in tables])
+        state.rows = rows.set_column(1, "member", rows["member"].fill_null(""))
+        pa.default_memory_pool().release_unused()
     return state
 
 
@@ -247,25 +321,33 @@ def check_same_run(out: str, state: OutputState, new: dict) -> None:
             )
 
 
-def supersede(out: str, run: str, retried: set[Key]) -> int:
+def supersede(out: str, run: str, retried: pa.Table) -> int:
     """Leave one row per key: drop every row that is not its key's latest, and the rows of `retried` keys
-    that this run (`run`) did not write. Each file concerned is rewritten without those rows, under a name
-    of the same run, before the old one is removed. Returns the number of files rewritten or removed."""
+    (path, member "" for plain files) that this run (`run`) did not write. Each file concerned is rewritten
+    without those rows, under a name of the same run, before the old one is removed. Returns the number of
+    files rewritten or removed."""
     state = read_output(out)
-    latest = state.latest()
+    drop = ~state.latest_mask()
+    retried_rows = np.zeros(len(drop), bool)
+    if retried.num_rows:  # rows of a retried key: by path first, then (path, member) for those
+        rows = np.flatnonzero(pc.is_in(state.rows["path"], value_set=pc.unique(retried["path"])).to_numpy())
+        if len(rows):
+            found = state.rows.take(pa.array(rows))
+            both = pc.is_in(pc.binary_join_element_wise(found["path"], found["member"], "\0"),
+                            value_set=pc.binary_join_element_wise(retried["path"], retried["member"], "\0"))
+            retried_rows[rows[both.to_numpy()]] = True
     fs, root = _check_folder(out)
-    changed = 0
+    changed, start = 0, 0
     for part in state.parts:
-        drop = {k for k in part.keys if latest[k][0] is not part or (k in retried and part.run != run)}
-        if not drop:
+        span, start = slice(start, start + part.rows), start + part.rows
+        mine = drop[span] | retried_rows[span] if part.run != run else drop[span]
+        if not mine.any():
             continue
         with fs.open(f"{root}/{part.name}", "rb") as f:
             pf = pq.ParquetFile(f)
             metadata = pf.schema_arrow.metadata
             table = with_error_kind(pf.read())
-        keep = pa.array([k not in drop for k in zip(table["path"].to_pylist(),
-                                                   (m or "" for m in table["member"].to_pylist()))])
-        table = table.filter(keep)
+        table = table.filter(pa.array(~mine))
         if table.num_rows:
             table = table.select(SCHEMA.names).cast(SCHEMA).replace_schema_metadata(metadata)
             name = part_name(part.run, table["path"].to_pylist(), table["member"].to_pylist())

@@ -64,12 +64,12 @@ def test_error_kinds_follow_how_each_error_is_produced(tmp_path, checkpoint):
     (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")  # its target may appear later
     (tmp_path / "empty_folder").mkdir()
     later = [str(tmp_path / n) for n in ("missing.png", "dangling.png", "empty_folder", "new_*.png")]
-    units = {
-        "kind": np.array(["images", "tar", "tar"]),
-        "uris": np.array([json.dumps([*bad, *later]), json.dumps([str(tmp_path / "not_a_tar.tar")]),
-                          json.dumps([str(tmp_path / "broken.tar")])]),
-        "skip": np.array(["[]", "[]", "[]"]),
-    }
+    units = pa.table({  # work units as jobs/score_plan.plan_units writes them: URIs as bytes
+        "kind": ["images", "tar", "tar"],
+        "uris": [[p.encode() for p in [*bad, *later]], [str(tmp_path / "not_a_tar.tar").encode()],
+                 [str(tmp_path / "broken.tar").encode()]],
+        "skip": pa.array([[], [], []], pa.list_(pa.string())),
+    })
     config = load_checkpoint(checkpoint).model_config
     rows = [(p, m, e) for b in decode_sources(units, config, rows=64) for p, m, e in zip(b["path"], b["member"], b["error"])]
     kinds = {(Path(p).name, m): error_kind(e or None) for p, m, e in rows}

@@ -466,7 +466,7 @@ def test_listing_follows_symlinks_once_reads_manifests_and_names_empty_inputs(tm
                       str(tmp_path / "nothing" / "*.png"), str(tmp_path / "missing.png")]
 
     # A folder that cannot be listed (here: removed while the walk is under way) is an error, not a skip.
-    from jobs.score import _walk_local
+    from jobs.score_plan import _walk_local
 
     gone = tmp_path / "gone"
     _write(gone / "inner", {"b.png": png})
@@ -553,7 +553,9 @@ def test_decode_tasks_yield_tiled_rows_by_bytes_held_and_size_their_reservation(
 
     paths = _write(tmp_path, _good_images(6, seed=14))  # 40..56 x 48 px: 23..32 KB each as float32 RGB
     tiled = ModelConfig(width=4, img_size=32, tiled=True, scale=1.0)
-    batch = {"kind": np.array(["images"]), "uris": np.array([json.dumps(paths)]), "skip": np.array(["[]"])}
+    from jobs.score_output import OutputState
+
+    batch = job.plan_units(job.list_sources(paths), OutputState()).units  # one unit: the six files
     assert [len(b["path"]) for b in job.decode_sources(batch, tiled, rows=32)] == [6]
     monkeypatch.setattr(job, "_DECODE_HELD_BYTES", 60_000)
     sizes = [len(b["path"]) for b in job.decode_sources(batch, tiled, rows=32)]
