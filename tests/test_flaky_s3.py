@@ -191,7 +191,7 @@ def test_probe_counts_a_busy_storage_as_reachable(s3_server, through, caplog, fa
         assert "answered busy 3 times" in caplog.text
         assert count.total == storage.PROBE_ATTEMPTS - 1
         assert fs.config_kwargs["retries"]["total_max_attempts"] == storage.s3_retries()  # the shared, retrying one
-    with FaultyS3Proxy(s3_server.endpoint_url, fault_rate=0.4, seed=2) as proxy:  # now and then busy: no warning
+    with FaultyS3Proxy(s3_server.endpoint_url, fault_rate=FAULT_RATE, seed=2) as proxy:  # now and then busy: quiet
         through(proxy.endpoint_url)
         caplog.clear()
         for _ in range(5):
