@@ -6,7 +6,9 @@ Each request the proxy receives is either answered by a fault of its own, withou
 * ``500`` InternalError, with S3's XML error body,
 * ``drop``: the request is read, then the connection is closed with no answer at all,
 
-or forwarded to moto, some of them after a short delay. Whether a request fails is drawn from a hash of the
+or forwarded to moto, some of them after a short delay. One more fault, ``lost``, is only injected when asked
+for (``faults=`` or ``script``): the request is forwarded and done, then its answer is dropped, so the client's
+retry repeats a request the store has already carried out. Whether a request fails is drawn from a hash of the
 seed, the method, the path and query, and how many times that same request was seen before: a retry of a
 request is a new draw, and a run that sends the same requests meets the same faults, whatever the order
 in which concurrent clients send them.
@@ -33,6 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 FAULTS = ("503", "500", "drop")
+KINDS = (*FAULTS, "lost")
 _ERRORS = {
     "503": (503, "Service Unavailable", "SlowDown", "Please reduce your request rate."),
     "500": (500, "Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
@@ -52,8 +55,8 @@ class FaultyS3Proxy:
 
     def __init__(self, upstream: str, *, fault_rate: float = 0.08, delay_rate: float = 0.2,
                  max_delay_s: float = 0.05, seed: int = 0, faults: tuple[str, ...] = FAULTS):
-        if not 0 <= fault_rate < 1 or not set(faults) <= set(FAULTS) or not faults:
-            raise ValueError(f"fault_rate must be in [0, 1) and faults among {FAULTS}")
+        if not 0 <= fault_rate < 1 or not set(faults) <= set(KINDS) or not faults:
+            raise ValueError(f"fault_rate must be in [0, 1) and faults among {KINDS}")
         target = urlsplit(upstream)
         self.upstream = (target.hostname, target.port)
         self.fault_rate, self.delay_rate, self.max_delay_s = fault_rate, delay_rate, max_delay_s
@@ -63,6 +66,8 @@ class FaultyS3Proxy:
         self.injected: Counter[str] = Counter()  # fault kind -> how many
         self.failed: list[tuple[str, str, str]] = []  # (kind, method, path) of each fault
         self._seen: Counter[tuple[str, str]] = Counter()
+        # (method, path without the query) -> faults to answer its next requests with, before any drawing
+        self.script: dict[tuple[str, str], list[str]] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -96,6 +101,12 @@ class FaultyS3Proxy:
             self.requests += 1
             n = self._seen[method, target]
             self._seen[method, target] += 1
+            queued = self.script.get((method, target.split("?", 1)[0]))
+            if queued:
+                kind = queued.pop(0)
+                self.injected[kind] += 1
+                self.failed.append((kind, method, target))
+                return kind, 0.0
         draw = _draw(self.seed, method, target, n)
         if draw < self.fault_rate:
             kind = self.faults[int(draw / self.fault_rate * len(self.faults))]
@@ -154,7 +165,7 @@ class FaultyS3Proxy:
                 except OSError:
                     pass
 
-            def _forward(self, body: bytes) -> None:
+            def _forward(self, body: bytes, lose: bool = False) -> None:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP | {"content-length"}}
                 if body or self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(body))
@@ -163,6 +174,8 @@ class FaultyS3Proxy:
                     upstream.request(self.command, self.path, body=body, headers=headers)
                     reply = upstream.getresponse()
                     data = reply.read()
+                    if lose:
+                        return self._drop()
                     self.send_response_only(reply.status, reply.reason)
                     for k, v in reply.getheaders():
                         if k.lower() not in _HOP and not (k.lower() == "content-length" and self.command != "HEAD"):
@@ -180,6 +193,8 @@ class FaultyS3Proxy:
                 kind, delay = proxy.decide(self.command, self.path)
                 if kind == "drop":
                     return self._drop()
+                if kind == "lost":
+                    return self._forward(body, lose=True)
                 if kind is not None:
                     return self._error(kind)
                 if delay:

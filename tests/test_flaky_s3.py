@@ -353,3 +353,22 @@ def test_jobs_on_a_clean_storage_count_no_retries(flaky_training, s3_server, ray
                     batch_size=4, progress=False)
     assert summary.scored == 6 and summary.s3_retries == 0
     assert "S3 request retries" not in summary.describe()
+
+
+def test_score_lock_survives_its_own_put_whose_answer_was_lost(s3_server, through):
+    """The lock's conditional put is carried out but its answer is lost: the client's retry is refused (the
+    object exists), and the run must see that the lock there is its own, not another run's."""
+    from jobs.score_output import OutputLock
+    from ssm.data import DataError
+
+    bucket = s3_server.make_bucket()
+    out = f"s3://{bucket}/scores"
+    with FaultyS3Proxy(s3_server.endpoint_url, fault_rate=0.0) as proxy:
+        proxy.script[("PUT", f"/{bucket}/scores/.ssm-score.lock")] = ["lost"]
+        through(proxy.endpoint_url)
+        with OutputLock(out):
+            assert proxy.injected["lost"] == 1
+            assert s3_server.list_keys(bucket) == ["scores/.ssm-score.lock"]
+            with pytest.raises(DataError, match="being written by another ssm score run"):
+                OutputLock(out).__enter__()  # another run is still refused
+        assert s3_server.list_keys(bucket) == []  # released
