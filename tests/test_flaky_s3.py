@@ -237,7 +237,7 @@ def flaky_training(s3_server):
                    "--cpus-per-worker", "1", "--keep", "1", "--val-fraction", "0.3", "--min-calibration-images", "2",
                    endpoint=proxy.endpoint_url)
         print(f"ssm train through the proxy: {time.perf_counter() - t0:.1f} s, {proxy.requests} requests, "
-              f"faults {dict(proxy.injected)}, {proxy.delayed} delayed")
+              f"faults {dict(proxy.injected)}, {proxy.delayed} delayed; reported: {_retries_line(run.stdout)}")
     return bucket, run, proxy
 
 
@@ -305,7 +305,7 @@ def test_scoring_and_rerun_through_flaky_storage_give_one_row_per_image(flaky_tr
         t0 = time.perf_counter()
         first = _cli(*args, endpoint=proxy.endpoint_url)
         print(f"ssm score through the proxy: {time.perf_counter() - t0:.1f} s, {proxy.requests} requests, "
-              f"faults {dict(proxy.injected)}")
+              f"faults {dict(proxy.injected)}; reported: {_retries_line(first.stdout)}")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "scored 20 images, 1 errors" in first.stdout
     assert sum(proxy.injected.values()) > 0 and _retries_line(first.stdout) > 0, first.stdout
@@ -321,6 +321,8 @@ def test_scoring_and_rerun_through_flaky_storage_give_one_row_per_image(flaky_tr
         client.put_object(Bucket=bucket, Key=key, Body=images[key])
     with FaultyS3Proxy(s3_server.endpoint_url, fault_rate=FAULT_RATE, seed=13) as proxy:
         again = _cli(*args, endpoint=proxy.endpoint_url)
+        print(f"ssm score rerun through the proxy: {proxy.requests} requests, faults {dict(proxy.injected)}; "
+              f"reported: {_retries_line(again.stdout)}")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "scored 4 images, 0 errors" in again.stdout and "(21 already in the output)" in again.stdout
     rerun_rows = _output_rows(out)
@@ -329,15 +331,13 @@ def test_scoring_and_rerun_through_flaky_storage_give_one_row_per_image(flaky_tr
     assert not any(k.endswith(".ssm-score.lock") for k in s3_server.list_keys(bucket))
 
 
-def test_jobs_on_a_clean_storage_count_no_retries(flaky_training, s3_server, ray_local, tmp_path, monkeypatch):
+def test_jobs_on_a_clean_storage_count_no_retries(s3_server, ray_local, tmp_path, monkeypatch):
     """The same jobs in this process on the clean server (the Ray of conftest.py): the count is 0."""
     from jobs.score import score
     from jobs.train import train
     from ssm.model import ModelConfig
     from ssm.training import TrainConfig
 
-    train_bucket, trained, _ = flaky_training
-    assert trained.returncode == 0, trained.stdout + trained.stderr
     bucket = s3_server.make_bucket()
     _upload_mvtec(s3_server, bucket, n_train=8)
     result = train(f"s3://{bucket}/data", f"s3://{bucket}/run", model_config=ModelConfig(width=8, img_size=SIZE),
@@ -349,7 +349,7 @@ def test_jobs_on_a_clean_storage_count_no_retries(flaky_training, s3_server, ray
     for i in range(6):
         client.put_object(Bucket=bucket, Key=f"images/{i}.png", Body=_png(400 + i))
     monkeypatch.setenv("SSM_CACHE_DIR", str(tmp_path / "cache"))  # the actors download the checkpoint too
-    summary = score([f"s3://{bucket}/images/"], f"s3://{train_bucket}/run", f"s3://{bucket}/scores",
+    summary = score([f"s3://{bucket}/images/"], f"s3://{bucket}/run", f"s3://{bucket}/scores",
                     batch_size=4, progress=False)
     assert summary.scored == 6 and summary.s3_retries == 0
     assert "S3 request retries" not in summary.describe()
