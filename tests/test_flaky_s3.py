@@ -174,6 +174,34 @@ def test_reads_and_writes_through_faults_lose_nothing_and_count_each_retry(s3_se
     assert sorted(s3_server.list_keys(bucket, "objects/")) == [f"objects/{i:02d}.bin" for i in range(30)]
 
 
+def _read_through(endpoint: str, uri: str) -> bytes:
+    """A Ray task: read `uri` with S3 at `endpoint` (the task's process is pointed there for the call only)."""
+    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(dict.fromkeys(names, endpoint))
+    try:
+        fs, path = storage.fsspec_for(uri)
+        return fs.cat_file(path)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_retries_in_ray_workers_reach_the_job_count(s3_server, ray_local):
+    import ray
+
+    bucket = s3_server.make_bucket()
+    s3_server.client().put_object(Bucket=bucket, Key="k", Body=b"payload")
+    with FaultyS3Proxy(s3_server.endpoint_url, fault_rate=0.0) as proxy:
+        proxy.script[("GET", f"/{bucket}/k")] = ["503", "500"]
+        count = storage.RetryCount()
+        count.attach()
+        assert ray.get(ray.remote(_read_through).remote(proxy.endpoint_url, f"s3://{bucket}/k")) == b"payload"
+        count.detach()
+    assert proxy.injected == {"503": 1, "500": 1}
+    assert count.total == 2  # both retries were made in the task's process, none here
+
+
 # --------------------------------------------------------------------------------------------------------
 # The probe: fails fast on a dead endpoint, not on a busy one
 
