@@ -64,7 +64,8 @@ class FaultyS3Proxy:
         self.requests = 0
         self.delayed = 0
         self.injected: Counter[str] = Counter()  # fault kind -> how many
-        self.failed: list[tuple[str, str, str]] = []  # (kind, method, path) of each fault
+        # (kind, method, path, client) of each fault; client: "botocore" (boto3, s3fs) or "aws-sdk-cpp" (pyarrow)
+        self.failed: list[tuple[str, str, str, str]] = []
         self._seen: Counter[tuple[str, str]] = Counter()
         # (method, path without the query) -> faults to answer its next requests with, before any drawing
         self.script: dict[tuple[str, str], list[str]] = {}
@@ -95,7 +96,7 @@ class FaultyS3Proxy:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def decide(self, method: str, target: str) -> tuple[str | None, float]:
+    def decide(self, method: str, target: str, client: str = "") -> tuple[str | None, float]:
         """(fault kind or None, delay in seconds) for this request: the n-th time `method target` is sent."""
         with self._lock:
             self.requests += 1
@@ -105,14 +106,14 @@ class FaultyS3Proxy:
             if queued:
                 kind = queued.pop(0)
                 self.injected[kind] += 1
-                self.failed.append((kind, method, target))
+                self.failed.append((kind, method, target, client))
                 return kind, 0.0
         draw = _draw(self.seed, method, target, n)
         if draw < self.fault_rate:
             kind = self.faults[int(draw / self.fault_rate * len(self.faults))]
             with self._lock:
                 self.injected[kind] += 1
-                self.failed.append((kind, method, target))
+                self.failed.append((kind, method, target, client))
             return kind, 0.0
         second = _draw(self.seed, "delay", method, target, n)
         if second < self.delay_rate:
@@ -190,7 +191,9 @@ class FaultyS3Proxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                kind, delay = proxy.decide(self.command, self.path)
+                agent = self.headers.get("User-Agent", "").lower()
+                client = "botocore" if "botocore" in agent else "aws-sdk-cpp" if "aws-sdk-cpp" in agent else agent
+                kind, delay = proxy.decide(self.command, self.path, client)
                 if kind == "drop":
                     return self._drop()
                 if kind == "lost":

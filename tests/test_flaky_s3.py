@@ -68,6 +68,14 @@ def _retries_line(output: str) -> int:
     return int(found[-1]) if found else 0
 
 
+def _assert_counted(proxy: FaultyS3Proxy, reported: int) -> None:
+    """The job's count matches the faults its botocore clients met: each 5xx is one retry; a dropped connection
+    is one too, unless aiohttp sent the request again itself (a reused keep-alive connection). pyarrow's
+    retries (aws-sdk-cpp) are not reported, so they are not in the count."""
+    met = [kind for kind, _, _, client in proxy.failed if client == "botocore"]
+    assert sum(kind != "drop" for kind in met) <= reported <= len(met), (reported, proxy.failed)
+
+
 # --------------------------------------------------------------------------------------------------------
 # The proxy itself
 
@@ -259,13 +267,17 @@ def flaky_training(s3_server):
     bucket = s3_server.make_bucket("flaky-train")  # fixed names: the run meets the same faults every time
     _upload_mvtec(s3_server, bucket)
     with FaultyS3Proxy(s3_server.endpoint_url, fault_rate=FAULT_RATE, seed=11) as proxy:
+        # Besides the drawn faults, a SlowDown on the driver's first write of the run (s3fs), so that the count
+        # has a retry to show whichever requests the drawn faults hit.
+        proxy.script[("PUT", f"/{bucket}/run/job.json")] = ["503"]
         t0 = time.perf_counter()
         run = _cli("train", f"s3://{bucket}/data", "--out", f"s3://{bucket}/run", "--epochs", "2", "--batch-size",
                    "4", "--img-size", str(SIZE), "--width", "8", "--lr", "2e-3", "--workers", "1",
                    "--cpus-per-worker", "1", "--keep", "1", "--val-fraction", "0.3", "--min-calibration-images", "2",
                    endpoint=proxy.endpoint_url)
         print(f"ssm train through the proxy: {time.perf_counter() - t0:.1f} s, {proxy.requests} requests, "
-              f"faults {dict(proxy.injected)}, {proxy.delayed} delayed; reported: {_retries_line(run.stdout)}")
+              f"faults {dict(proxy.injected)}, {proxy.delayed} delayed; reported: {_retries_line(run.stdout)}; "
+              f"faults met by botocore: {sum(c == 'botocore' for *_, c in proxy.failed)}")
     return bucket, run, proxy
 
 
@@ -274,9 +286,10 @@ def test_training_through_flaky_storage_completes_and_counts_retries(flaky_train
     bucket, run, proxy = flaky_training
     assert run.returncode == 0, run.stdout + run.stderr
     # Faults were met on reads and on writes (checkpoints, job files), and the job reports its retries.
-    methods = {method for _, method, _ in proxy.failed}
+    methods = {method for _, method, _, _ in proxy.failed}
     assert methods & {"GET", "HEAD"} and methods & {"PUT", "POST"}, proxy.failed
     assert _retries_line(run.stdout) > 0, run.stdout
+    _assert_counted(proxy, _retries_line(run.stdout))
     # Nothing lost or doubled: every readable image trained on or held out, each epoch once.
     trained = re.search(r"trained 2 epochs on (\d+) images \((\d+) normal images held out", run.stdout)
     assert trained and int(trained[1]) + int(trained[2]) == 12 and "images skipped: 1" in run.stdout
@@ -330,13 +343,17 @@ def test_scoring_and_rerun_through_flaky_storage_give_one_row_per_image(flaky_tr
             "--batch-size", "4")
 
     with FaultyS3Proxy(s3_server.endpoint_url, fault_rate=FAULT_RATE, seed=12) as proxy:
+        # Besides the drawn faults, a SlowDown on one image read by a decode task: a retry in a Ray worker.
+        proxy.script[("GET", f"/{bucket}/images/007.png")] = ["503"]
         t0 = time.perf_counter()
         first = _cli(*args, endpoint=proxy.endpoint_url)
         print(f"ssm score through the proxy: {time.perf_counter() - t0:.1f} s, {proxy.requests} requests, "
-              f"faults {dict(proxy.injected)}; reported: {_retries_line(first.stdout)}")
+              f"faults {dict(proxy.injected)}; reported: {_retries_line(first.stdout)}; "
+              f"faults met by botocore: {sum(c == 'botocore' for *_, c in proxy.failed)}")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "scored 20 images, 1 errors" in first.stdout
     assert sum(proxy.injected.values()) > 0 and _retries_line(first.stdout) > 0, first.stdout
+    _assert_counted(proxy, _retries_line(first.stdout))
     rows = _output_rows(out)
     assert set(rows) == {(f"s3://{bucket}/{key}", None) for key in images}
     assert [k for k, r in rows.items() if r["error"]] == [(f"s3://{bucket}/images/corrupt.png", None)]
@@ -351,6 +368,7 @@ def test_scoring_and_rerun_through_flaky_storage_give_one_row_per_image(flaky_tr
         again = _cli(*args, endpoint=proxy.endpoint_url)
         print(f"ssm score rerun through the proxy: {proxy.requests} requests, faults {dict(proxy.injected)}; "
               f"reported: {_retries_line(again.stdout)}")
+    _assert_counted(proxy, _retries_line(again.stdout))
     assert again.returncode == 0, again.stdout + again.stderr
     assert "scored 4 images, 0 errors" in again.stdout and "(21 already in the output)" in again.stdout
     rerun_rows = _output_rows(out)
