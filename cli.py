@@ -191,6 +191,8 @@ def train(
     )
     for path, why in result.skipped[:10]:
         typer.echo(f"  skipped {why}")
+    if result.s3_retries:
+        typer.echo(f"S3 request retries: {result.s3_retries}")
     _echo_test_split(result.data)
 
 

@@ -626,21 +626,23 @@ class ScoreSummary:
     anomalies: int = 0
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
+    s3_retries: int = 0  # S3 requests retried by botocore (s3fs) in the job's processes (storage.RetryCount)
 
     @property
     def images_per_s(self) -> float:
         return (self.scored + self.errors) / self.seconds if self.seconds > 0 else 0.0
 
     def describe(self) -> str:
+        retried = f"\nS3 request retries: {self.s3_retries}" if self.s3_retries else ""
         if self.scored + self.errors == 0:
-            return f"nothing left to score: all {self.skipped} images are already in {self.out}"
+            return f"nothing left to score: all {self.skipped} images are already in {self.out}{retried}"
         resumed = f" ({self.skipped} already in the output)" if self.skipped else ""
         if self.retried:
             resumed += f" ({self.retried} earlier errors retried)"
         return (
             f"scored {self.scored} images, {self.errors} errors, {self.anomalies} anomalies{resumed}; "
             f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s\n"
-            f"output: {self.out} ({len(self.files)} new Parquet files)"
+            f"output: {self.out} ({len(self.files)} new Parquet files){retried}"
         )
 
 
@@ -715,6 +717,7 @@ def score(
     if backend == "onnxruntime" and (bf16 or gpus_per_worker):
         raise ValueError("--backend onnxruntime runs the exported network in float32 on the CPU: drop --bf16 and "
                          "--gpus-per-worker.")
+    retries = storage.RetryCount()
     ckpt = load_calibrated(checkpoint, backend)
     cal = ckpt.calibration
     threshold = float(cal.threshold if threshold is None else threshold)
@@ -747,21 +750,26 @@ def score(
             _score_units(units, sink, summary, ckpt, checkpoint, threshold, workers=workers,
                          gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
                          address=address, progress=progress, runtime_env=runtime_env, bf16=bf16,
-                         backend=backend)
+                         backend=backend, retries=retries)
         lock.check()
         if units.num_rows or plan.duplicates:  # new rows, or duplicates left by a crash
             summary.superseded = supersede(out, run, plan.retried)
+    summary.s3_retries = retries.total
     return summary
 
 
 def _score_units(units: pa.Table, sink: ParquetSink, summary: ScoreSummary, ckpt, checkpoint: str,
                  threshold: float, *, workers: int, gpus_per_worker: float | None, cpus_per_worker: float | None,
                  batch_size: int, address: str | None, progress: bool, runtime_env: dict | None,
-                 bf16: bool, backend: str = "torch") -> None:
-    """The Ray Data chain over `units`, written through `sink`; counts go into `summary`."""
+                 bf16: bool, backend: str = "torch", retries: storage.RetryCount | None = None) -> None:
+    """The Ray Data chain over `units`, written through `sink`; counts go into `summary`, S3 retries of the
+    Ray workers into `retries`."""
     started = init_ray(address)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = progress
+        storage.configure_ray_data()
+        if retries is not None:
+            retries.attach()
         cluster = ray.cluster_resources()
         gpus = (1.0 if cluster.get("GPU", 0) > 0 else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
         if backend != "torch":
@@ -799,6 +807,8 @@ def _score_units(units: pa.Table, sink: ParquetSink, summary: ScoreSummary, ckpt
         ds.write_datasink(sink)
         summary.seconds = time.perf_counter() - t0
     finally:
+        if retries is not None:
+            retries.detach()
         if started:
             ray.shutdown()
     for r in sink.results:

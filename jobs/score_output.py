@@ -448,6 +448,9 @@ class OutputLock:
                 owner = fs.cat_file(path).decode(errors="replace")
             except FileNotFoundError:  # released meanwhile: try once more from the start
                 return self._acquire_remote(fs, path)
+            if owner == self.owner:  # our own put went through, its answer was lost, and the retry was refused
+                self._etag = head["ETag"]
+                return self._start_heartbeat()
             age = time.time() - head["LastModified"].timestamp()
             if age < LOCK_STALE_S:
                 raise self._busy(owner, age) from None
@@ -458,6 +461,9 @@ class OutputLock:
                 raise self._busy("another run took over a stale lock") from None
             log.warning("took over the lock on %s: its holder (%s) stopped renewing it %.0f s ago",
                         self.out, owner, age)
+        self._start_heartbeat()
+
+    def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="ssm-score-lock")
         self._thread.start()
 

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from ray.train import UserCallback
 
-from jobs.storage import filesystem_for, fsspec_for, is_remote, join
+from jobs.storage import RetryCount, configure_ray_data, filesystem_for, fsspec_for, is_remote, join
 from ssm.calibration import Calibration, CalibrationError, calibrate, check_calibration_size
 from ssm.checkpoint import load_checkpoint, save_checkpoint
 from ssm.data import DataError, DatasetSplit, decode_for, load_layout
@@ -71,6 +71,7 @@ class TrainJobResult:
     n_val: int  # readable held-out normal images
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of images that did not decode
     data: dict | None = None  # what it trained on (ssm.data.DatasetSplit.source), as its checkpoints record it
+    s3_retries: int = 0  # S3 requests retried by botocore (s3fs) in the job's processes (jobs.storage.RetryCount)
 
     @property
     def resumed_from(self) -> list[int]:
@@ -428,6 +429,7 @@ def train(
             raise ValueError(f"{flag} must be at least {low}, got {value}")
     if not is_remote(out):
         out = os.path.abspath(out)
+    retries = RetryCount()
     job = {"data": data, "layout": layout, "normal_dirs": list(normal_dirs), "abnormal_dirs": list(abnormal_dirs),
            "mask_dir": mask_dir, "model": model_config.to_dict(), "train": cfg.to_dict(),
            "scoring": scoring.to_dict(), "workers": workers, "gpus_per_worker": gpus_per_worker,
@@ -440,6 +442,8 @@ def train(
     paths = split.train
     train_paths, val_paths = split_train_val(paths, cfg.val_fraction, cfg.seed)
     cpus_per_worker = start_ray(address, workers, cpus_per_worker, gpus_per_worker)
+    configure_ray_data()  # before the datasets are made: each carries the context it was made with
+    retries.attach()
     train_ds, skipped = _decoded(train_paths, data, model_config)
     val_ds, val_skipped = _decoded(val_paths, data, model_config)
     skipped = sorted(skipped + val_skipped)
@@ -520,5 +524,6 @@ def train(
         save_checkpoint(tmp, chosen.build_model(), chosen.model_config, chosen.scoring, calibration, chosen.meta)
         _publish(tmp, join(out, "best"))
     _write_text(join(out, "history.json"), json.dumps(history, indent=1))
+    retries.detach()
     return TrainJobResult(out, join(out, "best"), chosen.meta["epoch"], chosen.meta["val_loss"], calibration,
-                          history, n_train, n_val, skipped, split.source)
+                          history, n_train, n_val, skipped, split.source, retries.total)
