@@ -994,7 +994,7 @@ def _score_units(units: list[dict], sink: ParquetSink, summary: ScoreSummary, ck
     # A local Ray gets one logical CPU more than the machine has cores: the scoring actors can hold every core
     # while the light decode and write tasks still get scheduled. Streaming keeps little in flight: a modest store.
     started = start_or_join(address, num_cpus=(os.cpu_count() or 1) + 1, object_store_mb=512)
-    tally = ray.remote(num_cpus=0)(Tally).remote()
+    tally = ray.remote(num_cpus=0)(Tally).remote() if progress else None
     listed = [len(json.loads(u["uris"])) for u in units if u["kind"] == "images"]
     bar = Progress("score", total=sum(listed) if len(listed) == len(units) else None, unit="images",
                    enabled=progress)  # the members of tar shards are counted only as they are read
@@ -1002,7 +1002,7 @@ def _score_units(units: list[dict], sink: ParquetSink, summary: ScoreSummary, ck
 
     def follow() -> None:  # the bar follows the actors' tally while the chain runs in the main thread
         shown = 0
-        while not stop.wait(0.5):
+        while tally is not None and not stop.wait(0.5):
             try:
                 scored, errors = ray.get(tally.read.remote(), timeout=5)
             except Exception:  # a slow answer only delays the bar
