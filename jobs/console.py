@@ -45,7 +45,7 @@ def ray_init_kwargs() -> dict:
 
 
 def quiet_ray_data() -> None:
-    """Ray Data on the driver: no progress bars, no execution plans, its console handler at warnings (its log
+    """Ray Data on the driver: no progress bars, no execution plans, its console handler at errors (its log
     file under the session folder keeps everything). Call after Ray has started, before running datasets."""
     if verbose():
         return
@@ -57,7 +57,7 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, SessionFileHandler):
-            handler.setLevel(logging.WARNING)
+            handler.setLevel(logging.ERROR)
     _install_once_filter(logging.getLogger("ray.data"))
 
 

@@ -309,7 +309,7 @@ def _calibrate_checkpoint(checkpoint, val_images, batch_size: int, min_images: i
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with checkpoint.as_directory() as d:
         scorer = load_checkpoint(d, map_location=device).scorer(device)
-    images = [torch.from_numpy(np.asarray(a)).float().div_(255.0) for a in val_images]
+    images = [torch.from_numpy(np.array(a)).float().div_(255.0) for a in val_images]  # a writable copy
     return calibrate(scorer, [images[i : i + batch_size] for i in range(0, len(images), batch_size)],
                      min_images=min_images).to_dict()
 

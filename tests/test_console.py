@@ -93,7 +93,8 @@ def head(tmp_path_factory):
     goes there, not to /tmp/ray), on free ports, reporting metrics every second; stopped by its process id."""
     root = Path(tempfile.mkdtemp(prefix="ssm", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     port, metrics, *agent = _free_ports(6)
-    env = {**os.environ, "RAY_TMPDIR": str(root)}
+    # Token authentication on, as Ray sets it up by default where a token exists; a client joining needs the mode.
+    env = {**os.environ, "RAY_TMPDIR": str(root), "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=3", "--include-dashboard=false",
