@@ -109,33 +109,26 @@ class Progress:
             self._line()
 
     def update(self, n: int = 0, **postfix) -> None:
+        """`n` more done."""
+        self.set(self.n + n, **postfix)
+
+    def set(self, n: int, **postfix) -> None:
+        """`n` done so far (e.g. the epoch just finished, or the exact count at the end of a stage)."""
         if not self.enabled:
             return
-        self.n += n
+        self.n = n
         self.postfix.update({k: v for k, v in postfix.items() if v is not None})
         if self.bar is not None:
             self.bar.set_postfix({k: _fmt(v) for k, v in self.postfix.items()}, refresh=False)
-            self.bar.update(n)
+            self.bar.update(n - self.bar.n)
             return
-        now = time.monotonic()
         if self.total:
             step = int(self.n * self.lines / self.total)
             if step >= self.next_step and self.n < self.total:
                 self.next_step = step + 1
                 self._line()
-        elif now - self.last_line >= self.every_s:
+        elif time.monotonic() - self.last_line >= self.every_s:
             self._line()
-
-    def set(self, n: int, **postfix) -> None:
-        """The count so far is `n` (e.g. the final, exact count at the end of a stage)."""
-        if not self.enabled:
-            return
-        self.postfix.update(postfix)
-        if self.bar is not None:
-            self.bar.set_postfix({k: _fmt(v) for k, v in self.postfix.items()}, refresh=False)
-            self.bar.n = n
-            self.bar.refresh()
-        self.n = n
 
     def close(self) -> None:
         if self.closed or not self.enabled:
