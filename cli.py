@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -32,6 +32,17 @@ class Backend(str, Enum):
 class PixelResolution(str, Enum):
     ground_truth = "ground-truth"
     model = "model"
+
+
+@app.callback()
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's own logging: its log lines, worker "
+                                 "output, Ray Data's progress bars (off by default)."),
+):
+    """ssm: find and localise defects in images with Self-Supervised Masking, from a laptop to a Ray cluster."""
+    from jobs.console import set_verbose
+
+    set_verbose(verbose)
 
 
 def _fail(message: str) -> None:
@@ -138,8 +149,11 @@ def train(
     keep: int = typer.Option(3, "--keep", help="Epoch checkpoints kept: the best by validation loss."),
     max_failures: int = typer.Option(3, "--max-failures", help="Worker failures survived (-1: no limit)."),
     in_process: bool = typer.Option(False, "--in-process", help="Train in this process, without Ray."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line last, the run's summary (see README); "
+                                 "other text goes to stderr."),
 ):
     """Train an SSM model on the normal images of DATA, then calibrate it on a held-out normal split."""
+    from jobs.console import Progress
     from ssm.calibration import MIN_CALIBRATION_IMAGES
     from ssm.data import DataError
     from ssm.model import ModelConfig
@@ -168,51 +182,59 @@ def train(
                           k_values=ks, seed=seed, lr_steps=_int_list(lr_steps, "--lr-steps"),
                           val_fraction=val_fraction, min_calibration_images=min_calibration_images)
         scoring = ScoringConfig(k_values=ks, refine_passes=refine_passes, ratio=ratio, seed=seed)
-        if in_process:
-            _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, test_fraction, model_cfg, cfg,
-                              scoring)
-            return
-        from jobs.train import train as train_job
+        t0 = time.perf_counter()
+        with Progress("train", total=epochs, unit="epochs") as bar:
+            on_epoch = lambda row: bar.set(row["epoch"], loss=row["loss"], val=row["val_loss"],  # noqa: E731
+                                           img_s=f"{row['images_per_s']:.1f}")
+            if in_process:
+                result = _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, test_fraction,
+                                           model_cfg, cfg, scoring, on_epoch)
+            else:
+                from jobs.train import train as train_job
 
-        result = train_job(data, resume or out, layout=layout.value, normal_dirs=normal_dir,
-                           abnormal_dirs=abnormal_dir, mask_dir=mask_dir, test_fraction=test_fraction,
-                           model_config=model_cfg, cfg=cfg,
-                           scoring=scoring, workers=workers, gpus_per_worker=gpus_per_worker,
-                           cpus_per_worker=cpus_per_worker, address=address, keep=keep, max_failures=max_failures,
-                           resume=resume is not None, on_epoch=_epoch_line)
+                result = train_job(data, resume or out, layout=layout.value, normal_dirs=normal_dir,
+                                   abnormal_dirs=abnormal_dir, mask_dir=mask_dir, test_fraction=test_fraction,
+                                   model_config=model_cfg, cfg=cfg,
+                                   scoring=scoring, workers=workers, gpus_per_worker=gpus_per_worker,
+                                   cpus_per_worker=cpus_per_worker, address=address, keep=keep,
+                                   max_failures=max_failures, resume=resume is not None, on_epoch=on_epoch)
     except (DataError, ValueError) as e:
         _fail(str(e))
-    restarts = f"; resumed from epoch {', '.join(map(str, result.resumed_from))}" if result.resumed_from else ""
+    resumed_from = getattr(result, "resumed_from", [])
+    restarts = f"; resumed from epoch {', '.join(map(str, resumed_from))}" if resumed_from else ""
     typer.echo(
         f"trained {epochs} epochs on {result.n_train} images ({result.n_val} normal images held out for validation "
-        f"and calibration) with {workers} worker(s)"
+        f"and calibration){'' if in_process else f' with {workers} worker(s)'}"
         f"{restarts}; best epoch {result.best_epoch} (validation loss {result.best_val_loss:.4f})\n"
-        f"checkpoint: {result.best}\nimages skipped: {len(result.skipped)}"
+        f"checkpoint: {result.best}\nimages skipped: {len(result.skipped)}", err=as_json
     )
     for path, why in result.skipped[:10]:
-        typer.echo(f"  skipped {why}")
+        typer.echo(f"  skipped {why}", err=as_json)
     if result.s3_retries:
-        typer.echo(f"S3 request retries: {result.s3_retries}")
-    _echo_test_split(result.data)
+        typer.echo(f"S3 request retries: {result.s3_retries}", err=as_json)
+    _echo_test_split(result.data, as_json)
+    if as_json:  # the keys README.md documents
+        typer.echo(json.dumps({
+            "run_dir": str(result.run_dir), "checkpoint": str(result.best), "epochs": epochs,
+            "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+            "threshold": result.calibration.threshold, "n_train": result.n_train, "n_val": result.n_val,
+            "images_skipped": len(result.skipped), "s3_retries": result.s3_retries, "resumed_from": resumed_from,
+            "seconds": round(time.perf_counter() - t0, 3)}))
 
 
-def _echo_test_split(source: Optional[dict]) -> None:
+def _echo_test_split(source: Optional[dict], err: bool = False) -> None:
     """Say which normal images a folder-layout run kept for testing (evaluation reads the same rule back)."""
     if source and source["layout"] == "folder":
         held_out = source["n_normal"] - source["n_train"]
         typer.echo(f"normal images held out for testing: {held_out} of {source['n_normal']}" if held_out else
                    f"normal images held out for testing: none (all {source['n_normal']} trained on or validated); "
-                   f"evaluate on other folders")
-
-
-def _epoch_line(row: dict) -> None:
-    typer.echo(f"epoch {row['epoch']:3d}  loss {row['loss']:.4f}  val {row['val_loss']:.4f}  "
-               f"{row['images_per_s']:.1f} img/s", err=True)
+                   f"evaluate on other folders", err=err)
 
 
 def _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, test_fraction, model_cfg, cfg,
-                      scoring) -> None:
-    """The single-process `ssm.training.fit` (no Ray): local data only."""
+                      scoring, on_epoch):
+    """The single-process `ssm.training.fit` (no Ray): local data only. Returns its FitResult with the counts
+    and source the Ray job's result also carries."""
     from ssm.calibration import check_calibration_size
     from ssm.data import ImageDataset
     from ssm.training import fit, split_train_val
@@ -226,13 +248,9 @@ def _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, tes
     result = fit(ImageDataset.for_model(train_paths, model_cfg, crop="random", seed=cfg.seed),
                  ImageDataset.for_model(val_paths, model_cfg, crop="fixed", seed=cfg.seed), out, model_cfg, cfg,
                  scoring, calibration_data=ImageDataset.for_model(val_paths, model_cfg) if model_cfg.tiled else None,
-                 trained_on=split.source)
-    typer.echo(
-        f"trained {cfg.epochs} epochs on {len(train_paths)} images ({len(val_paths)} normal images held out for "
-        f"validation and calibration); best epoch "
-        f"{result.best_epoch} (validation loss {result.best_val_loss:.4f})\ncheckpoint: {result.best}"
-    )
-    _echo_test_split(split.source)
+                 trained_on=split.source, progress=False, on_epoch=on_epoch)
+    result.n_train, result.n_val, result.skipped, result.data = len(train_paths), len(val_paths), [], split.source
+    return result
 
 
 @app.command()
@@ -314,6 +332,8 @@ def score(
         True, "--manifest-stat/--no-manifest-stat", help="Look at each manifest line on disk while planning (is it "
         "a folder? a symlinked folder?). --no-manifest-stat takes each line as a file unless it ends with / or holds "
         "a glob, and resolves no symlinks: for manifests of millions of lines on slow file systems."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line last, the job's summary (see README); "
+                                 "other text goes to stderr."),
 ):
     """Score every image in INPUTS on Ray and write one Parquet row per image (score, anomaly flag, heatmap)."""
     from jobs.score import score as score_job
@@ -327,7 +347,9 @@ def score(
                             manifest_stat=manifest_stat)
     except (DataError, CheckpointError, ValueError) as e:
         _fail(str(e))
-    typer.echo(summary.describe())
+    typer.echo(summary.describe(), err=as_json)
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict()))
 
 
 @app.command("export")

@@ -50,7 +50,8 @@ except ImportError:  # Ray ships its own copy and puts it on the path when impor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.score import init_ray, score  # noqa: E402
+from jobs.cluster import start_or_join  # noqa: E402
+from jobs.score import score  # noqa: E402
 from ssm.calibration import calibrate  # noqa: E402
 from ssm.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from ssm.data import decode_image  # noqa: E402
@@ -174,7 +175,7 @@ def run_job(
     manifest = work / f"images_{len(paths)}.txt"
     manifest.write_text("\n".join(paths) + "\n")
     with PeakRSS() as rss:
-        init_ray()
+        start_or_join(num_cpus=(os.cpu_count() or 1) + 1, object_store_mb=512)
         try:
             cpu_before = tree_cpu_seconds()
             summary = score([str(manifest)], checkpoint, str(work / f"scores_{len(paths)}"), workers=1,

@@ -73,6 +73,7 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Run the whole chain under `out`; returns the metrics and where everything is."""
+    from jobs.console import Progress
     from jobs.demo_data import make_demo_dataset
     from jobs.report import write_report
     from jobs.score import score
@@ -108,19 +109,21 @@ def run_demo(
                         f"normal images it holds out beside them).")
 
     echo(f"[2/5] training W={width} at {img_size} px for {epochs} epochs on {len(split.train)} normal images (Ray Train)")
+    bar = Progress("train", total=epochs, unit="epochs")
     run = train(
         data, str(out_dir / "run"), layout=layout, normal_dirs=normal_dirs, abnormal_dirs=abnormal_dirs,
         mask_dir=mask_dir, model_config=ModelConfig(width=width, img_size=img_size),
         cfg=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_steps=(15, 25), seed=seed),
         scoring=ScoringConfig(seed=seed),  # 12 of the 120 generated normal images calibrate (9 at least)
-        workers=workers, address=address,
-        on_epoch=lambda row: echo(f"      epoch {row['epoch']:3d}  loss {row['loss']:.4f}  val {row['val_loss']:.4f}"),
+        workers=workers, address=address, on_epoch=lambda row: bar.set(row["epoch"], loss=row["loss"],
+                                                                         val=row["val_loss"]),
     )
+    bar.close()
 
     manifest = out_dir / "test_images.txt"
     manifest.write_text("".join(f"{os.path.abspath(s.path)}\n" for s in split.test))
     echo(f"[3/5] scoring {len(split.test)} test images (Ray Data)")
-    summary = score([str(manifest)], run.best, str(out_dir / "scores"), workers=workers, address=address, progress=False)
+    summary = score([str(manifest)], run.best, str(out_dir / "scores"), workers=workers, address=address)
 
     echo("[4/5] evaluating the scoring job's output")
     metrics = metrics_from_scores(str(out_dir / "scores"), split.test, split.has_masks)

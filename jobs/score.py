@@ -48,12 +48,14 @@ import os
 import posixpath
 import stat
 import tarfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 from PIL import Image
@@ -61,6 +63,8 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from jobs import storage
+from jobs.cluster import start_or_join
+from jobs.console import Progress, Tally
 from jobs.score_output import (
     METADATA_KEY,
     SCHEMA,
@@ -485,7 +489,7 @@ class ScoreBatches:
     output rows."""
 
     def __init__(self, checkpoint: str, checkpoint_id: str, threshold: float, threads: int, use_gpu: bool,
-                 bf16: bool = False, backend: str = "torch"):
+                 bf16: bool = False, backend: str = "torch", tally=None):
         threads = max(1, min(threads, os.cpu_count() or 1))
         torch.set_num_threads(threads)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
@@ -496,6 +500,8 @@ class ScoreBatches:
         self.threshold = threshold
         self.batches = 0
         self.exit_after = os.environ.get(_EXIT_AFTER_ENV)
+        self.tally = tally  # jobs.console.Tally: the driver's progress bar reads it
+        self.metrics = ScoringMetrics() if ray.is_initialized() else None
 
     def _score(self, images: list[torch.Tensor]) -> tuple[np.ndarray, list[np.ndarray | None], list[str | None]]:
         """Scores (n,) float64 and uint8 heatmaps; a batch that fails is retried image by image, so only the
@@ -520,6 +526,17 @@ class ScoreBatches:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         self._maybe_exit()
+        t0 = time.perf_counter()
+        table = self._rows(batch)
+        scored = table["error"].null_count  # rows without an error
+        errors = table.num_rows - scored
+        if self.metrics is not None:
+            self.metrics.record(scored, errors, time.perf_counter() - t0)
+        if self.tally is not None:
+            self.tally.add.remote(scored, errors)  # fire and forget: the bar may lag, the job never waits
+        return table
+
+    def _rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["path"])
         errors = [str(e) or None for e in batch["error"]]
         ok = np.array([e is None for e in errors], bool)
@@ -565,6 +582,26 @@ class ScoreBatches:
         if self.batches > int(after) and not os.path.exists(marker):
             open(marker, "w").close()
             os._exit(1)  # a hard crash: no cleanup, no exception for Ray to report
+
+
+class ScoringMetrics:
+    """The scoring actors' Ray metrics, exported by every node's metrics agent (Prometheus, Ray's dashboard) as
+    ray_ssm_images_scored_total, ray_ssm_score_error_rows_total and ray_ssm_score_batch_seconds."""
+
+    def __init__(self):
+        from ray.util.metrics import Counter, Histogram
+
+        self.images = Counter("ssm_images_scored", description="Images scored (rows without an error).")
+        self.errors = Counter("ssm_score_error_rows", description="Rows written with an error instead of a score.")
+        self.latency = Histogram("ssm_score_batch_seconds", description="Seconds to score one batch of images.",
+                                 boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
+
+    def record(self, scored: int, errors: int, seconds: float) -> None:
+        if scored:
+            self.images.inc(scored)
+        if errors:
+            self.errors.inc(errors)
+        self.latency.observe(seconds)
 
 
 def _row_name(batch: dict, i: int) -> str:
@@ -632,6 +669,13 @@ class ScoreSummary:
     def images_per_s(self) -> float:
         return (self.scored + self.errors) / self.seconds if self.seconds > 0 else 0.0
 
+    def to_dict(self) -> dict:
+        """`ssm score --json`: the keys README.md documents."""
+        return {"out": self.out, "inputs": self.inputs, "scored": self.scored, "errors": self.errors,
+                "anomalies": self.anomalies, "skipped": self.skipped, "retried": self.retried,
+                "superseded": self.superseded, "seconds": round(self.seconds, 3),
+                "images_per_s": round(self.images_per_s, 3), "files": list(self.files)}
+
     def describe(self) -> str:
         retried = f"\nS3 request retries: {self.s3_retries}" if self.s3_retries else ""
         if self.scored + self.errors == 0:
@@ -644,25 +688,6 @@ class ScoreSummary:
             f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s\n"
             f"output: {self.out} ({len(self.files)} new Parquet files){retried}"
         )
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 512) -> bool:
-    """Connect to `address`, or start Ray in this process; True when this call started or connected it.
-
-    A local Ray gets one logical CPU more than the machine has cores: the scoring actors can hold every
-    core while the light decode and write tasks still get scheduled.
-    """
-    if ray.is_initialized():
-        return False
-    if address or os.environ.get("RAY_ADDRESS"):  # a given cluster, or the one a submitted job runs on
-        ray.init(address=address)
-    else:
-        ray.init(
-            num_cpus=num_cpus or (os.cpu_count() or 1) + 1,
-            object_store_memory=object_store_mb << 20,  # streaming keeps little in flight: stay modest
-            include_dashboard=False,
-        )
-    return True
 
 
 def load_calibrated(checkpoint: str, backend: str = "torch"):
@@ -764,9 +789,29 @@ def _score_units(units: pa.Table, sink: ParquetSink, summary: ScoreSummary, ckpt
                  bf16: bool, backend: str = "torch", retries: storage.RetryCount | None = None) -> None:
     """The Ray Data chain over `units`, written through `sink`; counts go into `summary`, S3 retries of the
     Ray workers into `retries`."""
-    started = init_ray(address)
+    # A local Ray gets one logical CPU more than the machine has cores: the scoring actors can hold every core
+    # while the light decode and write tasks still get scheduled. Streaming keeps little in flight: a modest store.
+    started = start_or_join(address, num_cpus=(os.cpu_count() or 1) + 1, object_store_mb=512)
+    tally = ray.remote(num_cpus=0)(Tally).remote() if progress else None
+    images = pc.equal(units.column("kind"), "images")
+    listed = pc.sum(pc.list_value_length(units.column("uris").filter(images))).as_py() or 0
+    bar = Progress("score", total=listed if pc.all(images).as_py() is not False else None, unit="images",
+                   enabled=progress)  # the members of tar shards are counted only as they are read
+    stop = threading.Event()
+
+    def follow() -> None:  # the bar follows the actors' tally while the chain runs in the main thread
+        shown = 0
+        while tally is not None and not stop.wait(0.5):
+            try:
+                scored, errors = ray.get(tally.read.remote(), timeout=5)
+            except Exception:  # a slow answer only delays the bar
+                continue
+            bar.update(scored + errors - shown, errors=errors)
+            shown = scored + errors
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = progress
         storage.configure_ray_data()
         if retries is not None:
             retries.attach()
@@ -801,6 +846,7 @@ def _score_units(units: pa.Table, sink: ParquetSink, summary: ScoreSummary, ckpt
                 "use_gpu": gpus > 0,
                 "bf16": bf16,
                 "backend": backend,
+                "tally": tally,
             },
             runtime_env=runtime_env,
         )
@@ -809,6 +855,11 @@ def _score_units(units: pa.Table, sink: ParquetSink, summary: ScoreSummary, ckpt
     finally:
         if retries is not None:
             retries.detach()
+        stop.set()
+        follower.join()
+        if sink.results:  # the bar ends on the rows written (the tally may lag, or count a batch redone)
+            bar.set(sum(r["rows"] for r in sink.results), errors=sum(r["errors"] for r in sink.results))
+        bar.close()
         if started:
             ray.shutdown()
     for r in sink.results:

@@ -44,7 +44,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from jobs import storage
-from jobs.score import ScoreBatches, decode_bytes, init_ray, load_calibrated, too_large
+from jobs.cluster import start_or_join
+from jobs.score import ScoreBatches, decode_bytes, load_calibrated, too_large
 
 APP_NAME = "ssm"
 DEFAULT_MAX_BYTES = 64 << 20
@@ -295,7 +296,7 @@ def start(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, address
         raise ValueError(f"--port must be from 1 to 65535, got {port}.")
     config = Settings(checkpoint, **settings)
     ckpt, threshold = _prepare(config)
-    started = init_ray(address)
+    started = start_or_join(address, num_cpus=(os.cpu_count() or 1) + 1, object_store_mb=512)
     try:
         app, info = _bind(config, ckpt, threshold)
         serve.start(http_options={"host": host, "port": port})

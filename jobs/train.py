@@ -36,7 +36,6 @@ import os
 import random
 import tempfile
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 from ray.train import UserCallback
 
+from jobs.cluster import start_or_join, submitted_job
 from jobs.storage import RetryCount, configure_ray_data, filesystem_for, fsspec_for, is_remote, join
 from ssm.calibration import Calibration, CalibrationError, calibrate, check_calibration_size
 from ssm.checkpoint import load_checkpoint, save_checkpoint
@@ -52,11 +52,17 @@ from ssm.data import DataError, DatasetSplit, decode_for, load_layout
 from ssm.model import ModelConfig, SSMUNet
 from ssm.scoring import ScoringConfig
 from ssm.tiling import random_crop
-from ssm.training import TrainConfig, make_optimizer, seed_of, split_train_val, training_step, validation_loss
+from ssm.training import (
+    TrainConfig,
+    make_optimizer,
+    seed_of,
+    split_train_val,
+    train_epochs,
+    validation_loss,
+)
 
 TRAIN_STATE = "train_state.pt"  # beside the library's model.pt and ssm.json in every epoch checkpoint
 RAY_RUN = "train"  # RunConfig(name): Ray Train's folder inside RUN
-PART_NAMES = ("loss", "mse", "msgms", "ssim", "mask")
 
 
 @dataclass
@@ -85,7 +91,7 @@ class TrainJobResult:
 
 def start_ray(address: str | None = None, workers: int = 1, cpus_per_worker: float | None = None,
               gpus_per_worker: float = 0.0) -> float:
-    """Join the cluster at `address` (or $RAY_ADDRESS), or start a local one sized to this machine.
+    """Join the cluster at `address`, or start a local one sized to this machine (jobs/cluster.py).
 
     Returns the CPUs each training worker takes: `cpus_per_worker` when given, else this machine's CPUs
     shared among the workers (local cluster) or 1 (a cluster, whose nodes may differ).
@@ -94,16 +100,13 @@ def start_ray(address: str | None = None, workers: int = 1, cpus_per_worker: flo
 
     if gpus_per_worker < 0 or (cpus_per_worker is not None and cpus_per_worker <= 0):
         raise ValueError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
-    joining = bool(address or os.environ.get("RAY_ADDRESS"))
-    if not ray.is_initialized():
-        if joining:
-            ray.init(address=address)
-        else:
-            if gpus_per_worker and torch.cuda.device_count() < workers * gpus_per_worker:
-                raise ValueError(f"--workers {workers} --gpus-per-worker {gpus_per_worker} needs "
-                                 f"{workers * gpus_per_worker:g} GPUs, this machine has {torch.cuda.device_count()}; "
-                                 f"lower them or pass --address of a cluster with GPUs.")
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    joining = bool(address) or submitted_job()
+    if not ray.is_initialized() and not joining and gpus_per_worker:
+        if torch.cuda.device_count() < workers * gpus_per_worker:
+            raise ValueError(f"--workers {workers} --gpus-per-worker {gpus_per_worker} needs "
+                             f"{workers * gpus_per_worker:g} GPUs, this machine has {torch.cuda.device_count()}; "
+                             f"lower them or pass --address of a cluster with GPUs.")
+    start_or_join(address)
     if cpus_per_worker is not None:
         return cpus_per_worker
     if joining:
@@ -248,51 +251,47 @@ def _train_loop(config: dict) -> dict:
     val_images = _model_inputs(ray.get(config["val_images"])[rank::world], model_config, None)
     shard = ray.train.get_dataset_shard("train")
     drop_last = config["n_train"] // world > batch_size
-    for epoch in range(start, cfg.epochs):
+
+    def epoch_batches(epoch: int):
         # Every draw of an epoch comes from (seed, rank, epoch): mask scales and keys, tiled crops (a new crop of
         # each image every epoch) and the shuffle buffer. A run repeats exactly; a restarted epoch draws the same.
         tag = f"{cfg.seed}:{rank}:{epoch}"
         random.seed(tag)
         torch.manual_seed(seed_of(tag))
         crops = random.Random(f"{tag}:crops")
-        model.train()
-        t0, seen, sums = time.perf_counter(), 0, dict.fromkeys(PART_NAMES, 0.0)
         for batch in shard.iter_batches(batch_size=batch_size, drop_last=drop_last, batch_format="numpy",
                                         local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed_of(tag),
                                         prefetch_batches=2):
-            x = _model_inputs(batch["image"], model_config, crops).to(device, non_blocking=True)
-            loss, parts = training_step(model, x, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seen += len(x)
-            for k, v in {"loss": float(loss.detach()), **parts}.items():
-                sums[k] += v * len(x)
-        sched.step()
-        elapsed = time.perf_counter() - t0
-        n_seen, *totals = _all_reduce([seen, *sums.values()], device)
+            yield _model_inputs(batch["image"], model_config, crops).to(device, non_blocking=True)
+
+    def reduce(seen: int, sums: list[float], elapsed: float) -> tuple[int, list[float], float]:
+        n_seen, *totals = _all_reduce([seen, *sums], device)
         (slowest,) = _all_reduce([elapsed], device, "max")  # global rate: all images over the slowest worker
+        return n_seen, totals, slowest
 
+    def validate() -> float:
         _sync_buffers(module)
-        val_batches = val_images.split(batch_size)
-        mean = validation_loss(module, val_batches, cfg, device) if len(val_images) else 0.0
+        mean = validation_loss(module, val_images.split(batch_size), cfg, device) if len(val_images) else 0.0
         val_sum, n_val = _all_reduce([mean * len(val_images), len(val_images)], device)
-        row = {"epoch": epoch + 1, **{k: v / max(n_seen, 1) for k, v in zip(PART_NAMES, totals)},
-               "val_loss": val_sum / n_val, "images_per_s": n_seen / slowest, "lr": opt.param_groups[0]["lr"],
-               "resumed_from": start}
-        history.append(row)
+        return val_sum / n_val
 
+    def end_of_epoch(row: dict) -> None:
+        row["resumed_from"] = start
+        history.append(row)
+        epoch = row["epoch"]
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if rank == 0:  # one copy of the weights; every rank still reports (it is a barrier)
                 meta = {"model": model_config.to_dict(), "train": cfg.to_dict(), "data": config["data"],
-                        "epoch": epoch + 1, "val_loss": row["val_loss"]}
+                        "epoch": epoch, "val_loss": row["val_loss"]}
                 save_checkpoint(tmp, module, model_config, config["scoring"], None, meta)
                 sched_state = {**sched.state_dict(), "milestones": dict(sched.milestones)}
-                torch.save({"epoch": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched_state,
+                torch.save({"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched_state,
                             "history": history}, os.path.join(tmp, TRAIN_STATE))
                 saved = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(row, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+            ray.train.report(row, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+    train_epochs(model, opt, sched, cfg, epoch_batches, validate, end_of_epoch, start=start, reduce=reduce)
     return {"history": history}
 
 
@@ -311,7 +310,7 @@ def _calibrate_checkpoint(checkpoint, val_images, batch_size: int, min_images: i
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with checkpoint.as_directory() as d:
         scorer = load_checkpoint(d, map_location=device).scorer(device)
-    images = [torch.from_numpy(np.asarray(a)).float().div_(255.0) for a in val_images]
+    images = [torch.from_numpy(np.array(a)).float().div_(255.0) for a in val_images]  # a writable copy
     return calibrate(scorer, [images[i : i + batch_size] for i in range(0, len(images), batch_size)],
                      min_images=min_images).to_dict()
 

@@ -95,6 +95,49 @@ def validation_loss(model, batches: Iterable[torch.Tensor], cfg: TrainConfig, de
     return total / max(count, 1)
 
 
+PART_NAMES = ("loss", "mse", "msgms", "ssim", "mask")  # the loss and its parts, as ssm_loss names them
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched,
+    cfg: TrainConfig,
+    batches: Callable[[int], Iterable[torch.Tensor]],
+    validate: Callable[[], float],
+    on_epoch: Callable[[dict], None],
+    *,
+    start: int = 0,
+    reduce: Callable[[int, list[float], float], tuple[int, list[float], float]] | None = None,
+) -> None:
+    """The epoch loop of `fit` and of the Ray Train job: epochs `start`..cfg.epochs-1 of `training_step`.
+
+    batches(epoch): that epoch's input batches, on the model's device (the caller decides the order and seeds
+    its draws); validate(): the validation loss after the epoch; on_epoch(row): the epoch's metrics (epoch,
+    loss and its parts per image, val_loss, images_per_s, lr) to record, checkpoint and report. reduce(images,
+    loss sums, seconds): the totals over all data-parallel workers (default: this process's own).
+    """
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        t0, seen, sums = time.perf_counter(), 0, dict.fromkeys(PART_NAMES, 0.0)
+        for x in batches(epoch):
+            loss, parts = training_step(model, x, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(x)
+            for k, v in {"loss": float(loss.detach()), **parts}.items():
+                sums[k] += v * len(x)
+        sched.step()
+        elapsed = time.perf_counter() - t0
+        totals = list(sums.values())
+        if reduce is not None:
+            seen, totals, elapsed = reduce(seen, totals, elapsed)
+        val = validate()
+        on_epoch({"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in zip(PART_NAMES, totals)}, "val_loss": val,
+                  "images_per_s": seen / elapsed, "lr": opt.param_groups[0]["lr"]})
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones(), gamma=cfg.lr_decay)
@@ -182,35 +225,32 @@ def fit(
     opt, sched = make_optimizer(model, cfg)
     loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_data) > cfg.batch_size)
     val_batches = _batches(val_data, cfg.batch_size)
-    best_loss, best_epoch, history = math.inf, -1, []
+    history: list[dict] = []
     meta = {"model": model_config.to_dict(), "train": cfg.to_dict(), "data": trained_on}
-    bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not progress)
-    for epoch in bar:
-        model.train()
-        t0, seen, sums = time.perf_counter(), 0, {}
+    bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress)
+    best_loss, best_epoch = math.inf, -1
+
+    def epoch_batches(epoch: int):
         for batch in loader:
-            x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device, non_blocking=True)
-            loss, parts = training_step(model, x, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seen += len(x)
-            for k, v in {"loss": float(loss.detach()), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v * len(x)
-        sched.step()
-        elapsed = time.perf_counter() - t0
-        val = validation_loss(model, val_batches, cfg, device)
-        row = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in sums.items()}, "val_loss": val,
-               "images_per_s": seen / elapsed, "lr": opt.param_groups[0]["lr"]}
+            yield (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device, non_blocking=True)
+
+    def end_of_epoch(row: dict) -> None:
+        nonlocal best_loss, best_epoch
         history.append(row)
-        save_checkpoint(out / "last", model, model_config, scoring, None, {**meta, "epoch": epoch + 1, "val_loss": val})
+        epoch, val = row["epoch"], row["val_loss"]
+        save_checkpoint(out / "last", model, model_config, scoring, None, {**meta, "epoch": epoch, "val_loss": val})
         if val < best_loss:
-            best_loss, best_epoch = val, epoch + 1
-            save_checkpoint(out / "best", model, model_config, scoring, None, {**meta, "epoch": epoch + 1, "val_loss": val})
+            best_loss, best_epoch = val, epoch
+            save_checkpoint(out / "best", model, model_config, scoring, None, {**meta, "epoch": epoch, "val_loss": val})
+        bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{val:.4f}", img_s=f"{row['images_per_s']:.1f}")
         if on_epoch:
             on_epoch(row)
         (out / "history.json").write_text(json.dumps(history, indent=1))
+
+    train_epochs(model, opt, sched, cfg, epoch_batches, lambda: validation_loss(model, val_batches, cfg, device),
+                 end_of_epoch)
+    bar.close()
 
     from .checkpoint import load_checkpoint
 
