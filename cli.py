@@ -250,6 +250,7 @@ def _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, tes
                  scoring, calibration_data=ImageDataset.for_model(val_paths, model_cfg) if model_cfg.tiled else None,
                  trained_on=split.source, progress=False, on_epoch=on_epoch)
     result.n_train, result.n_val, result.skipped, result.data = len(train_paths), len(val_paths), [], split.source
+    result.s3_retries = 0  # local files only
     return result
 
 

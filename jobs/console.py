@@ -155,7 +155,10 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None and self.bar is None and self.enabled:  # the stage failed: its error says the rest
+            self.closed = True
+            return
         self.close()
 
 

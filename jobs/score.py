@@ -674,7 +674,8 @@ class ScoreSummary:
         return {"out": self.out, "inputs": self.inputs, "scored": self.scored, "errors": self.errors,
                 "anomalies": self.anomalies, "skipped": self.skipped, "retried": self.retried,
                 "superseded": self.superseded, "seconds": round(self.seconds, 3),
-                "images_per_s": round(self.images_per_s, 3), "files": list(self.files)}
+                "images_per_s": round(self.images_per_s, 3), "files": list(self.files),
+                "s3_retries": self.s3_retries}
 
     def describe(self) -> str:
         retried = f"\nS3 request retries: {self.s3_retries}" if self.s3_retries else ""

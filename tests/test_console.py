@@ -26,9 +26,9 @@ from test_score_job import checkpoint  # noqa: F401  (the fixture: a tiny calibr
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_KEYS = {"run_dir", "checkpoint", "epochs", "best_epoch", "best_val_loss", "threshold", "n_train", "n_val",
-              "images_skipped", "resumed_from", "seconds"}
+              "images_skipped", "s3_retries", "resumed_from", "seconds"}
 SCORE_KEYS = {"out", "inputs", "scored", "errors", "anomalies", "skipped", "retried", "superseded", "seconds",
-              "images_per_s", "files"}
+              "images_per_s", "files", "s3_retries"}
 
 
 def test_progress_off_a_terminal_prints_a_few_plain_lines():

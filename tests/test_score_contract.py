@@ -298,15 +298,15 @@ def test_pipes_devices_and_huge_files_are_error_rows_not_hangs(tmp_path, checkpo
     with open(tmp_path / "huge.png", "wb") as f:  # sparse: takes no disk
         f.truncate((1 << 30) + 1)
     names = ["pipe.png", "zeros.png", "huge.png"]
-    units = {"kind": np.array(["images"]), "uris": np.array([json.dumps([str(tmp_path / n) for n in names])]),
-             "skip": np.array(["[]"])}
+    units = pa.table({"kind": ["images"], "uris": [[str(tmp_path / n).encode() for n in names]],
+                      "skip": pa.array([[]], pa.list_(pa.string()))})
     rows = [(Path(p).name, e) for b in decode_sources(units, load_checkpoint(checkpoint).model_config, rows=8)
             for p, e in zip(b["path"], b["error"])]
     assert [(n, error_kind(e)) for n, e in rows] == [(n, "permanent") for n in names]
     assert "not a regular file" in rows[0][1] and "not a regular file" in rows[1][1]
     assert "file of 1,073,741,825 bytes is too large to score" in rows[2][1]
     os.mkfifo(tmp_path / "pipe.tar")
-    units = {"kind": np.array(["tar"]), "uris": np.array([json.dumps([str(tmp_path / "pipe.tar")])]),
-             "skip": np.array(["[]"])}
+    units = pa.table({"kind": ["tar"], "uris": [[str(tmp_path / "pipe.tar").encode()]],
+                      "skip": pa.array([[]], pa.list_(pa.string()))})
     [batch] = decode_sources(units, load_checkpoint(checkpoint).model_config, rows=8)
     assert list(batch["member"]) == [""] and "pipe.tar: not a regular file" in batch["error"][0]
