@@ -354,17 +354,37 @@ def score(
 
 @app.command("export")
 def export_model(
-    checkpoint: str = typer.Argument(..., help="A checkpoint or training run directory."),
+    checkpoint: str = typer.Argument(..., help="A checkpoint or training run directory (local or s3://)."),
     fmt: ExportFormat = typer.Option(..., "--format", help="onnx (opset 17, for onnxruntime) or torchscript."),
-    out: Path = typer.Option(..., "--out", help="The file to write: *.onnx, or *.pt / *.ts for TorchScript."),
+    out: str = typer.Option(..., "--out", help="The file to write (local or s3://): *.onnx, or *.pt / *.ts for "
+                            "TorchScript."),
 ):
     """Write the scoring network (masked images and masks in, reconstructions out; batch axis free, the trained
     image size) with the scoring rules, calibration and checkpoint id in the file's metadata."""
-    from ssm.checkpoint import CheckpointError
-    from ssm.export import export_checkpoint
+    import tempfile
+
+    from jobs import storage
+    from jobs.score import _local_checkpoint
+    from ssm.checkpoint import CheckpointError, load_checkpoint
+    from ssm.export import ExportError, export_checkpoint
 
     try:
-        result = export_checkpoint(checkpoint, fmt.value, out)
+        ckpt = load_checkpoint(_local_checkpoint(checkpoint))  # s3:// is downloaded (cached) as `ssm score` does
+        if not storage.is_remote(out):
+            result = export_checkpoint(ckpt, fmt.value, out)
+        else:  # written and checked here, then uploaded
+            with tempfile.TemporaryDirectory(prefix="ssm-export-") as tmp:
+                local = Path(tmp) / out.rstrip("/").rsplit("/", 1)[-1]
+                try:
+                    result = export_checkpoint(ckpt, fmt.value, local)
+                except ExportError as e:  # its message names the file by --out
+                    raise ExportError(str(e).replace(str(local), out)) from None
+                fs, path = storage.fsspec_for(out)
+                try:
+                    fs.put_file(str(result.path), path)
+                except Exception as e:  # no bucket, no access, storage down: one line naming --out
+                    _fail(f"--out {out}: cannot upload the exported file ({type(e).__name__}: {e}).")
+                result.path = out
     except (CheckpointError, ValueError) as e:
         _fail(str(e))
     typer.echo(f"exported {result.checkpoint} as {result.format}: {result.path}\n"
