@@ -354,8 +354,14 @@ def _check_serve_listens(host: str, port: int) -> None:
 
 
 def stop(served: Served) -> None:
-    """Remove the application; when start() started Ray here, also shut down Serve and Ray."""
-    serve.delete(APP_NAME)
-    if served.started_ray:
+    """Remove the application; when start() started Ray here, shut down Serve (and with it the application)
+    and Ray instead. serve.shutdown waits a bounded time for the controller; serve.delete waits on it without
+    a limit, which never ends when a signal sent to the whole process group (`timeout`, a service manager)
+    has already stopped the Ray processes this one started."""
+    if not served.started_ray:
+        serve.delete(APP_NAME)
+        return
+    try:
         serve.shutdown()
+    finally:
         ray.shutdown()

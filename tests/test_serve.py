@@ -13,10 +13,12 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -259,3 +261,28 @@ def test_serve_running_elsewhere_on_the_cluster_is_not_reported_at_the_wrong_add
     with pytest.raises(ValueError, match=rf"--port {other}: Ray Serve already runs on this cluster at 127.0.0.1:"):
         start(checkpoint, port=other, batch_size=2)
     assert requests.get(server.url, timeout=30).status_code == 200  # the running application is untouched
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_whole_process_group_stops_the_server(checkpoint, tmp_path):
+    """`timeout`, service managers and some shells signal the process group, so Ray's own processes started by
+    `ssm serve` die with it: stopping must still end (it once waited forever on the dead controller)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, str(root / "cli.py"), "serve", checkpoint, "--port", str(_free_port()),
+                                 "--cpus-per-replica", "1"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "press Ctrl-C" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert "press Ctrl-C" in log.read_text(), log.read_text()[-2000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=150) == 0, log.read_text()[-2000:]  # serve.shutdown gives up after 30 s
+        assert "stopping" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
