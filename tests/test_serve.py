@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import json
 import os
 import re
 import signal
@@ -24,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import requests
 import torch
@@ -163,7 +163,8 @@ def test_bad_uploads_get_4xx_with_the_reason_ssm_score_writes(server, checkpoint
     for name, data in bad.items():
         (tmp_path / name).write_bytes(data)
     # What the scoring job's decode stage writes in the error column for these files.
-    unit = {"kind": ["images"], "uris": [json.dumps([str(tmp_path / n) for n in bad])], "skip": ["[]"]}
+    unit = pa.table({"kind": ["images"], "uris": [[str(tmp_path / n).encode() for n in bad]],  # as plan_units writes
+                     "skip": pa.array([[]], pa.list_(pa.string()))})
     rows = next(score_job.decode_sources(unit, load_checkpoint(checkpoint).model_config, rows=len(bad)))
     written = dict(zip(rows["path"], rows["error"]))
 
