@@ -389,6 +389,10 @@ def export_model(
         _fail(str(e))
     typer.echo(f"exported {result.checkpoint} as {result.format}: {result.path}\n"
                f"reconstruction vs torch on a random batch: max abs difference {result.max_abs_diff:.2g}")
+    if ckpt.calibration is None:  # the network alone is still of use elsewhere; ssm's scoring needs the rules
+        typer.secho(f"warning: {checkpoint} is not calibrated (no threshold, no heatmap scale): `ssm score "
+                    f"--backend onnxruntime` refuses the file; export the best checkpoint of a training run "
+                    f"(RUN/best) to score with it.", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command()

@@ -218,6 +218,14 @@ def test_bad_requests_fail_in_one_line(tmp_path, checkpoint, exported):
     not_onnx.write_text("not a model\n")
     fails([*score, str(not_onnx), "--backend", "onnxruntime"], str(not_onnx), "neither an ONNX model")
 
+    # An uncalibrated checkpoint exports (with a warning), and scoring the file says what to export instead.
+    cfg = ModelConfig(width=4, img_size=32)
+    raw = save_checkpoint(tmp_path / "raw" / "best", SSMUNet(cfg).eval(), cfg, ScoringConfig())
+    result = runner.invoke(app, ["export", str(raw), "--format", "onnx", "--out", str(tmp_path / "raw.onnx")])
+    assert result.exit_code == 0 and "is not calibrated" in result.output, result.output
+    fails([*score, str(tmp_path / "raw.onnx"), "--backend", "onnxruntime"], "exported from a checkpoint that is "
+          "not calibrated", "export the best checkpoint")
+
     # A torch state_dict (a zip like TorchScript) and an ONNX file without ssm metadata
     with pytest.raises(ExportError, match="not a TorchScript model"):
         load_exported(Path(checkpoint) / "model.pt")
