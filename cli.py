@@ -201,6 +201,7 @@ def train(
     except (DataError, ValueError) as e:
         _fail(str(e))
     resumed_from = getattr(result, "resumed_from", [])
+    s3_retries = getattr(result, "s3_retries", 0)  # --in-process returns ssm.training's FitResult: no count kept
     restarts = f"; resumed from epoch {', '.join(map(str, resumed_from))}" if resumed_from else ""
     typer.echo(
         f"trained {epochs} epochs on {result.n_train} images ({result.n_val} normal images held out for validation "
@@ -210,15 +211,15 @@ def train(
     )
     for path, why in result.skipped[:10]:
         typer.echo(f"  skipped {why}", err=as_json)
-    if result.s3_retries:
-        typer.echo(f"S3 request retries: {result.s3_retries}", err=as_json)
+    if s3_retries:
+        typer.echo(f"S3 request retries: {s3_retries}", err=as_json)
     _echo_test_split(result.data, as_json)
     if as_json:  # the keys README.md documents
         typer.echo(json.dumps({
             "run_dir": str(result.run_dir), "checkpoint": str(result.best), "epochs": epochs,
             "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
             "threshold": result.calibration.threshold, "n_train": result.n_train, "n_val": result.n_val,
-            "images_skipped": len(result.skipped), "s3_retries": result.s3_retries, "resumed_from": resumed_from,
+            "images_skipped": len(result.skipped), "s3_retries": s3_retries, "resumed_from": resumed_from,
             "seconds": round(time.perf_counter() - t0, 3)}))
 
 
