@@ -201,6 +201,7 @@ def train(
     except (DataError, ValueError) as e:
         _fail(str(e))
     resumed_from = getattr(result, "resumed_from", [])
+    s3_retries = getattr(result, "s3_retries", 0)  # --in-process returns ssm.training's FitResult: no count kept
     restarts = f"; resumed from epoch {', '.join(map(str, resumed_from))}" if resumed_from else ""
     typer.echo(
         f"trained {epochs} epochs on {result.n_train} images ({result.n_val} normal images held out for validation "
@@ -210,15 +211,15 @@ def train(
     )
     for path, why in result.skipped[:10]:
         typer.echo(f"  skipped {why}", err=as_json)
-    if result.s3_retries:
-        typer.echo(f"S3 request retries: {result.s3_retries}", err=as_json)
+    if s3_retries:
+        typer.echo(f"S3 request retries: {s3_retries}", err=as_json)
     _echo_test_split(result.data, as_json)
     if as_json:  # the keys README.md documents
         typer.echo(json.dumps({
             "run_dir": str(result.run_dir), "checkpoint": str(result.best), "epochs": epochs,
             "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
             "threshold": result.calibration.threshold, "n_train": result.n_train, "n_val": result.n_val,
-            "images_skipped": len(result.skipped), "s3_retries": result.s3_retries, "resumed_from": resumed_from,
+            "images_skipped": len(result.skipped), "s3_retries": s3_retries, "resumed_from": resumed_from,
             "seconds": round(time.perf_counter() - t0, 3)}))
 
 
@@ -250,7 +251,6 @@ def _train_in_process(data, out, layout, normal_dir, abnormal_dir, mask_dir, tes
                  scoring, calibration_data=ImageDataset.for_model(val_paths, model_cfg) if model_cfg.tiled else None,
                  trained_on=split.source, progress=False, on_epoch=on_epoch)
     result.n_train, result.n_val, result.skipped, result.data = len(train_paths), len(val_paths), [], split.source
-    result.s3_retries = 0  # local files only
     return result
 
 
@@ -355,21 +355,45 @@ def score(
 
 @app.command("export")
 def export_model(
-    checkpoint: str = typer.Argument(..., help="A checkpoint or training run directory."),
+    checkpoint: str = typer.Argument(..., help="A checkpoint or training run directory (local or s3://)."),
     fmt: ExportFormat = typer.Option(..., "--format", help="onnx (opset 17, for onnxruntime) or torchscript."),
-    out: Path = typer.Option(..., "--out", help="The file to write: *.onnx, or *.pt / *.ts for TorchScript."),
+    out: str = typer.Option(..., "--out", help="The file to write (local or s3://): *.onnx, or *.pt / *.ts for "
+                            "TorchScript."),
 ):
     """Write the scoring network (masked images and masks in, reconstructions out; batch axis free, the trained
     image size) with the scoring rules, calibration and checkpoint id in the file's metadata."""
-    from ssm.checkpoint import CheckpointError
-    from ssm.export import export_checkpoint
+    import tempfile
+
+    from jobs import storage
+    from jobs.score import _local_checkpoint
+    from ssm.checkpoint import CheckpointError, load_checkpoint
+    from ssm.export import ExportError, export_checkpoint
 
     try:
-        result = export_checkpoint(checkpoint, fmt.value, out)
+        ckpt = load_checkpoint(_local_checkpoint(checkpoint))  # s3:// is downloaded (cached) as `ssm score` does
+        if not storage.is_remote(out):
+            result = export_checkpoint(ckpt, fmt.value, out)
+        else:  # written and checked here, then uploaded
+            with tempfile.TemporaryDirectory(prefix="ssm-export-") as tmp:
+                local = Path(tmp) / out.rstrip("/").rsplit("/", 1)[-1]
+                try:
+                    result = export_checkpoint(ckpt, fmt.value, local)
+                except ExportError as e:  # its message names the file by --out
+                    raise ExportError(str(e).replace(str(local), out)) from None
+                fs, path = storage.fsspec_for(out)
+                try:
+                    fs.put_file(str(result.path), path)
+                except Exception as e:  # no bucket, no access, storage down: one line naming --out
+                    _fail(f"--out {out}: cannot upload the exported file ({type(e).__name__}: {e}).")
+                result.path = out
     except (CheckpointError, ValueError) as e:
         _fail(str(e))
     typer.echo(f"exported {result.checkpoint} as {result.format}: {result.path}\n"
                f"reconstruction vs torch on a random batch: max abs difference {result.max_abs_diff:.2g}")
+    if ckpt.calibration is None:  # the network alone is still of use elsewhere; ssm's scoring needs the rules
+        typer.secho(f"warning: {checkpoint} is not calibrated (no threshold, no heatmap scale): `ssm score "
+                    f"--backend onnxruntime` refuses the file; export the best checkpoint of a training run "
+                    f"(RUN/best) to score with it.", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command()

@@ -695,6 +695,11 @@ def load_calibrated(checkpoint: str, backend: str = "torch"):
     """load_for_scoring(checkpoint, backend), which must carry a calibration (threshold and heatmap scale);
     CheckpointError otherwise."""
     ckpt = load_for_scoring(checkpoint, backend)
+    if ckpt.calibration is None and backend == "onnxruntime":
+        raise CheckpointError(
+            f"--checkpoint {checkpoint} was exported from a checkpoint that is not calibrated (no threshold, no "
+            f"heatmap scale); export the best checkpoint of a training run (RUN/best), which `ssm train` calibrates."
+        )
     if ckpt.calibration is None:
         raise CheckpointError(
             f"checkpoint {checkpoint} is not calibrated (no threshold, no heatmap scale); score with the best "

@@ -32,6 +32,7 @@ import asyncio
 import base64
 import dataclasses
 import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from jobs import storage
-from jobs.cluster import start_or_join
+from jobs.cluster import start_or_join, submitted_job
 from jobs.score import ScoreBatches, decode_bytes, load_calibrated, too_large
 
 APP_NAME = "ssm"
@@ -76,8 +77,8 @@ async def _read_body(request: Request, max_bytes: int, name: str) -> bytes:
 
 
 async def read_upload(request: Request, max_bytes: int) -> tuple[str, bytes]:
-    """(name, bytes) of the image in a POST: the raw body, or the file field of multipart/form-data (a field
-    named "file" first, else the first file)."""
+    """(name, bytes) of the image in a POST: the raw body, or the one file field of multipart/form-data (any
+    name; a form with two or more files is refused)."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         return RAW_BODY_NAME, await _read_body(request, max_bytes, RAW_BODY_NAME)
     body = await _read_body(request, max_bytes, "multipart upload")
@@ -95,7 +96,11 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[str, bytes]:
         if not files:
             raise UploadError(400, "multipart upload: no file field; send the image as a file field (e.g. curl "
                                    "-F file=@image.png) or as the raw body.")
-        _, upload = next(((k, v) for k, v in files if k == "file"), files[0])
+        if len(files) > 1:  # one answer for one image: never a score the client cannot tell apart
+            names = ", ".join(v.filename or k for k, v in files)
+            raise UploadError(400, f"multipart upload: {len(files)} files ({' '.join(names.splitlines())}); send one "
+                                   f"image per request.")
+        upload = files[0][1]
         name = " ".join((upload.filename or "").splitlines()) or RAW_BODY_NAME  # errors stay one line
         return name, await upload.read()
     finally:
@@ -296,10 +301,18 @@ def start(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, address
         raise ValueError(f"--port must be from 1 to 65535, got {port}.")
     config = Settings(checkpoint, **settings)
     ckpt, threshold = _prepare(config)
+    if not (address or submitted_job() or ray.is_initialized()):
+        _check_port_free(host, port)  # Serve's proxy will listen here: say so before starting Ray
     started = start_or_join(address, num_cpus=(os.cpu_count() or 1) + 1, object_store_mb=512)
     try:
         app, info = _bind(config, ckpt, threshold)
-        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.start(http_options={"host": host, "port": port})
+        except RuntimeError as e:
+            if "Failed to bind" not in str(e):
+                raise
+            raise ValueError(_port_taken(host, port, str(e))) from None
+        _check_serve_listens(host, port)
         serve.run(app, name=APP_NAME, route_prefix="/")
     except BaseException:
         if started:
@@ -309,9 +322,46 @@ def start(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, address
     return Served(url=f"http://{shown}:{port}/", started_ray=started, info=info)
 
 
+def _port_taken(host: str, port: int, reason: str) -> str:
+    return f"--port {port}: cannot listen on {host}:{port} ({reason}); stop what uses it or choose another --port."
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """ValueError naming --port when nothing can listen on host:port here (taken, or a host not of this machine)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: not an address of this machine ({e}).") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy's server does
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise ValueError(_port_taken(host, port, e.strerror or str(e))) from None
+
+
+def _check_serve_listens(host: str, port: int) -> None:
+    """ValueError naming --host/--port when Serve already ran on the cluster with other HTTP options (it keeps
+    them: serve.start only logs that the new ones are not applied, and the URL printed would be wrong)."""
+    from ray.serve.context import _get_global_client  # the client serve.start connected; no public getter
+
+    http = _get_global_client().http_config
+    if (http.host, http.port) != (host, port):
+        raise ValueError(f"--host {host} --port {port}: Ray Serve already runs on this cluster at "
+                         f"{http.host}:{http.port} and keeps that address; pass --host {http.host} --port "
+                         f"{http.port}, or shut that Serve down (serve shutdown) first.")
+
+
 def stop(served: Served) -> None:
-    """Remove the application; when start() started Ray here, also shut down Serve and Ray."""
-    serve.delete(APP_NAME)
-    if served.started_ray:
+    """Remove the application; when start() started Ray here, shut down Serve (and with it the application)
+    and Ray instead. serve.shutdown waits a bounded time for the controller; serve.delete waits on it without
+    a limit, which never ends when a signal sent to the whole process group (`timeout`, a service manager)
+    has already stopped the Ray processes this one started."""
+    if not served.started_ray:
+        serve.delete(APP_NAME)
+        return
+    try:
         serve.shutdown()
+    finally:
         ray.shutdown()

@@ -102,6 +102,8 @@ def export_checkpoint(checkpoint: str | os.PathLike | Checkpoint, fmt: str, out:
     a random batch and report how far its reconstruction is from the torch network's."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if "://" in os.fspath(out):  # Path() would turn s3://b/k into the local folder s3:/b/k
+        raise ExportError(f"--out {out}: export_checkpoint writes a local file; `ssm export` uploads it to a URI")
     out = Path(out)
     if out.suffix.lower() not in SUFFIXES[fmt]:
         raise ExportError(f"--out {out}: a {fmt} file is named *{' or *'.join(SUFFIXES[fmt])}")

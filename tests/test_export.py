@@ -218,6 +218,14 @@ def test_bad_requests_fail_in_one_line(tmp_path, checkpoint, exported):
     not_onnx.write_text("not a model\n")
     fails([*score, str(not_onnx), "--backend", "onnxruntime"], str(not_onnx), "neither an ONNX model")
 
+    # An uncalibrated checkpoint exports (with a warning), and scoring the file says what to export instead.
+    cfg = ModelConfig(width=4, img_size=32)
+    raw = save_checkpoint(tmp_path / "raw" / "best", SSMUNet(cfg).eval(), cfg, ScoringConfig())
+    result = runner.invoke(app, ["export", str(raw), "--format", "onnx", "--out", str(tmp_path / "raw.onnx")])
+    assert result.exit_code == 0 and "is not calibrated" in result.output, result.output
+    fails([*score, str(tmp_path / "raw.onnx"), "--backend", "onnxruntime"], "exported from a checkpoint that is "
+          "not calibrated", "export the best checkpoint")
+
     # A torch state_dict (a zip like TorchScript) and an ONNX file without ssm metadata
     with pytest.raises(ExportError, match="not a TorchScript model"):
         load_exported(Path(checkpoint) / "model.pt")
@@ -226,3 +234,31 @@ def test_bad_requests_fail_in_one_line(tmp_path, checkpoint, exported):
     onnx.save(bare, str(tmp_path / "bare.onnx"))
     with pytest.raises(ExportError, match="without ssm metadata"):
         load_exported(tmp_path / "bare.onnx")
+
+
+def test_export_reads_and_writes_s3(tmp_path, checkpoint, s3_server, monkeypatch):
+    """`ssm export s3://.../run --out s3://.../model.onnx` downloads the checkpoint and uploads the file (a Path
+    would have made a local folder named "s3:"), and names --out by its URI when refusing it."""
+    monkeypatch.setenv("SSM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    bucket = s3_server.make_bucket()
+    s3 = s3_server.client()
+    for f in Path(checkpoint).iterdir():
+        s3.upload_file(str(f), bucket, f"runs/bottle/best/{f.name}")
+    runner = CliRunner()
+    out = f"s3://{bucket}/exports/bottle.onnx"
+    result = runner.invoke(app, ["export", f"s3://{bucket}/runs/bottle", "--format", "onnx", "--out", out])
+    assert result.exit_code == 0, result.output
+    assert f"as onnx: {out}" in result.output
+    assert not (tmp_path / "s3:").exists()
+    s3.download_file(bucket, "exports/bottle.onnx", str(tmp_path / "bottle.onnx"))
+    # the same weights and rules (the name before @ is the download cache's folder, as for `ssm score`)
+    assert load_exported(tmp_path / "bottle.onnx").id.split("@")[1] == load_checkpoint(checkpoint).id.split("@")[1]
+
+    result = runner.invoke(app, ["export", checkpoint, "--format", "onnx", "--out", f"s3://{bucket}/m.pt"])
+    assert result.exit_code == 2 and f"--out s3://{bucket}/m.pt: a onnx file is named *.onnx" in result.output
+    assert s3_server.list_keys(bucket, "m.") == []
+    result = runner.invoke(app, ["export", checkpoint, "--format", "onnx", "--out", "s3://no-such-bucket/m.onnx"])
+    assert result.exit_code == 2 and "--out s3://no-such-bucket/m.onnx: cannot upload" in result.output
+    with pytest.raises(ExportError, match="writes a local file"):
+        export_checkpoint(checkpoint, "onnx", out)

@@ -10,8 +10,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import os
 import re
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -185,6 +191,12 @@ def test_bad_uploads_get_4xx_with_the_reason_ssm_score_writes(server, checkpoint
 
     r = requests.post(server.url, files={"note": (None, "no file here")}, timeout=60)
     assert r.status_code == 400 and "no file field" in r.json()["error"]
+    # Two files would get one answer that the client cannot tell apart: refused, whichever comes first.
+    for files in ([("file", ("a.png", good)), ("file", ("b.png", good))],
+                  [("scan", ("notes.png", bad["notes.png"])), ("file", ("good.png", good))]):
+        r = requests.post(server.url, files=files, timeout=60)
+        assert r.status_code == 400, r.text
+        assert "multipart upload: 2 files (" in r.json()["error"] and "one image per request" in r.json()["error"]
     assert requests.put(server.url, data=good, timeout=60).status_code == 405
     assert requests.get(server.url + "elsewhere", timeout=60).status_code == 404
 
@@ -226,3 +238,52 @@ def test_application_builder_refuses_unknown_settings_by_name(checkpoint):
         build_app({"batch_size": 8})
     with pytest.raises(ValueError, match="--batch-wait-ms must be 0 or more"):
         build_app({"checkpoint": checkpoint, "batch_wait_ms": -1})
+
+
+def test_a_port_in_use_is_refused_in_one_line_before_ray_starts(checkpoint):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, str(root / "cli.py"), "serve", checkpoint, "--port", str(port)],
+                                capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    assert f"error: --port {port}: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr and "Started a local Ray" not in result.stderr
+
+
+def test_serve_running_elsewhere_on_the_cluster_is_not_reported_at_the_wrong_address(server, checkpoint):
+    """Serve keeps the HTTP address it started with; a second start at another port must not print a URL that
+    answers nothing."""
+    other = _free_port()
+    with pytest.raises(ValueError, match=rf"--port {other}: Ray Serve already runs on this cluster at 127.0.0.1:"):
+        start(checkpoint, port=other, batch_size=2)
+    assert requests.get(server.url, timeout=30).status_code == 200  # the running application is untouched
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_whole_process_group_stops_the_server(checkpoint, tmp_path):
+    """`timeout`, service managers and some shells signal the process group, so Ray's own processes started by
+    `ssm serve` die with it: stopping must still end (it once waited forever on the dead controller)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, str(root / "cli.py"), "serve", checkpoint, "--port", str(_free_port()),
+                                 "--cpus-per-replica", "1"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "press Ctrl-C" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert "press Ctrl-C" in log.read_text(), log.read_text()[-2000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=150) == 0, log.read_text()[-2000:]  # serve.shutdown gives up after 30 s
+        assert "stopping" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
