@@ -52,6 +52,8 @@ def quiet_ray_data() -> None:
     import ray.data
     from ray.data._internal.logging import SessionFileHandler
 
+    # Importing Ray put its own filter for RayDeprecationWarning in front of set_verbose's: put ours back ahead.
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
